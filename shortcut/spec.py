@@ -1,0 +1,343 @@
+"""Declarative experiment specs: YAML files in experiments/, validated into a typed, frozen `Spec`.
+
+A spec file may inherit from one or more bases (`base: bases/digits.yaml` or a list); bases are
+merged first, the file's own keys win, then `--set key=value` overrides. Every error is a
+`SpecError` that names the file (or the override), the key and what was expected.
+
+The spec hash identifies *what is trained* (seed, data, model, method, optimizer, train): two
+resolved specs with the same hash train the same model, whatever their names, evaluation settings
+or output locations. It keys the work directory, so a rerun resumes and a changed spec starts fresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from shortcut import methods
+from shortcut.methods import KeyedValueError
+
+EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
+HASHED_SECTIONS = ("seed", "data", "model", "method", "optimizer", "train")
+
+
+class SpecError(Exception):
+    """A spec problem, reported as one line: `<file>: <key>: <what was expected>`."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatentSpec(_Section):
+    """Train in the latent space of a pretrained autoencoder (the paper's CelebA-HQ/ImageNet setting)."""
+
+    autoencoder: Literal["sd-vae-ft-mse"] = "sd-vae-ft-mse"
+    scale: float = 0.18215
+    downsample: int = 8
+    channels: int = 4
+
+
+class DataSpec(_Section):
+    dataset: str
+    channels: int = Field(ge=1)
+    num_classes: int = Field(ge=0, description="0 = unconditional")
+    split: str = "train"
+    image_size: int | None = Field(default=None, ge=1, description="resize to this size; None keeps the native size")
+    flip: bool = False
+    data_dir: str | None = None
+    shuffle_buffer: int = Field(default=10_000, ge=1)
+    latent: LatentSpec | None = None
+
+
+class ModelSpec(_Section):
+    size: Literal["tiny", "S", "B", "XL"] | None = None
+    hidden_size: int | None = Field(default=None, ge=1)
+    depth: int | None = Field(default=None, ge=1)
+    num_heads: int | None = Field(default=None, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    patch_size: int = Field(default=2, ge=1)
+    d_conditioning: Literal["level", "step_size"] = "level"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _resolve_size(self) -> "ModelSpec":
+        from shortcut.model import MODEL_SIZES
+
+        sized = dict(MODEL_SIZES[self.size]) if self.size else {}
+        for key in ("hidden_size", "depth", "num_heads"):
+            value = getattr(self, key)
+            if value is None and key not in sized:
+                raise KeyedValueError(f"model.{key}", "required when no model.size (tiny, S, B, XL) is given")
+            object.__setattr__(self, key, value if value is not None else sized[key])
+        if self.hidden_size % self.num_heads:
+            raise KeyedValueError("model.num_heads", f"must divide hidden_size {self.hidden_size}, got {self.num_heads}")
+        return self
+
+
+class OptimizerSpec(_Section):
+    lr: float = Field(default=1e-4, gt=0)
+    b1: float = Field(default=0.9, ge=0, lt=1)
+    b2: float = Field(default=0.999, ge=0, lt=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+
+
+class TrainSpec(_Section):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch size")
+    log_every: int = Field(default=100, ge=1)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+
+
+class EvalSpec(_Section):
+    steps: tuple[int, ...] = (128, 4, 1)
+    num_samples: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    cfg_scale: float = Field(default=1.0, description="classifier-free guidance w; 1 = no guidance")
+    grid_size: int = Field(default=64, ge=1, description="samples shown in each PNG grid")
+
+
+class ResourcesSpec(_Section):
+    cpus: int = Field(default=1, ge=1)
+    gpus: int = Field(default=0, ge=0)
+    tpu_hosts: int = Field(default=0, ge=0)
+
+
+class OutputSpec(_Section):
+    workdir: str = "runs"
+
+
+class Spec(_Section):
+    name: str
+    description: str = ""
+    seed: int = 0
+    data: DataSpec
+    model: ModelSpec
+    method: SerializeAsAny[methods.MethodConfig]
+    optimizer: OptimizerSpec = OptimizerSpec()
+    train: TrainSpec
+    eval: EvalSpec = EvalSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    output: OutputSpec = OutputSpec()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, value: Any) -> methods.MethodConfig:
+        return methods.parse_config(value)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Spec":
+        m = self.method.denoise_timesteps
+        for n in self.eval.steps:
+            if n < 1 or n > m or n & (n - 1):
+                raise KeyedValueError("eval.steps", f"each step count must be a power of two <= M={m}, got {n}")
+        size = self.input_shape[0]
+        if size % self.model.patch_size:
+            raise KeyedValueError("model.patch_size", f"must divide the model input size {size}")
+        if self.train.batch_size < 2:
+            raise KeyedValueError("train.batch_size", "must be at least 2")
+        return self
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape (H, W, C) of one model input: the image, or its latent."""
+        if self.data.image_size is None:
+            raise KeyedValueError("data.image_size", "is required (the native size of the data)")
+        size = self.data.image_size
+        if self.data.latent:
+            return (size // self.data.latent.downsample,) * 2 + (self.data.latent.channels,)
+        return (size, size, self.data.channels)
+
+    def hash(self) -> str:
+        """Stable sha256 of the training-relevant content (see module docstring)."""
+        content = self.model_dump(mode="json", include=set(HASHED_SECTIONS))
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- YAML loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (`4` -> int, `1e-4` -> float, `[1, 4]` -> list)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def list_specs(root: Path = EXPERIMENTS_DIR) -> list[str]:
+    """Names of the runnable specs (bases excluded)."""
+    return sorted(p.stem for p in root.glob("*.yaml"))
+
+
+def spec_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = root / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(list_specs(root)) or "(none)"
+    raise SpecError(name, "", f"no such spec in {root}; known specs: {known}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(str(path), "", f"invalid YAML: {where}{getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise SpecError(str(path), "", f"cannot read: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(str(path), "", f"expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(into: dict, new: dict, source: str, origin: dict, prefix: str = "") -> None:
+    """Deep-merge `new` into `into`, recording which source set each leaf key."""
+    for key, value in new.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, source, origin, f"{path}.")
+        else:
+            into[key] = copy.deepcopy(value)
+            origin[path] = source
+
+
+def _resolve_file(path: Path, origin: dict, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in chain + (path,))
+        raise SpecError(str(path), "base", f"inheritance cycle: {cycle}")
+    raw = _read_yaml(path)
+    bases = raw.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise SpecError(str(path), "base", "expected a file name or a list of file names")
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base) if base.endswith((".yaml", ".yml")) else spec_path(base)
+        if not base_path.exists():
+            raise SpecError(str(path), "base", f"base file {base_path} does not exist")
+        _merge(merged, _resolve_file(base_path, origin, chain + (path,)), _display(base_path), origin)
+    _merge(merged, raw, _display(path), origin)
+    return merged
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _apply_override(tree: dict, override: str, origin: dict) -> None:
+    source = f"--set {override}"
+    if "=" not in override:
+        raise SpecError(source, "", "expected KEY=VALUE, e.g. --set model.depth=4")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(source, key, "empty key component")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(source, key, f"{part} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = parse_value(text)
+    except yaml.YAMLError as e:
+        raise SpecError(source, key, f"cannot parse value {text!r}: {e}") from None
+    origin[key.strip()] = source
+
+
+def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path = EXPERIMENTS_DIR) -> Spec:
+    """Load, merge, override and validate a spec by name (experiments/NAME.yaml) or path."""
+    path = spec_path(name, root)
+    origin: dict[str, str] = {}
+    tree = _resolve_file(path, origin)
+    for override in overrides:
+        _apply_override(tree, override, origin)
+    tree.setdefault("name", path.stem)
+    return validate(tree, origin, default_source=_display(path))
+
+
+def validate(tree: dict, origin: dict[str, str], default_source: str) -> Spec:
+    """Validate a merged tree; errors name the file (or override) that set the offending key."""
+    try:
+        return Spec.model_validate(tree)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, KeyedValueError):
+            key, message = ctx_error.key, ctx_error.message
+        else:
+            message = _describe(err)
+        raise SpecError(_source_of(key, origin, default_source), key, message) from None
+
+
+def _source_of(key: str, origin: dict[str, str], default: str) -> str:
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in origin:
+            return origin[".".join(parts[:i])]
+    return default
+
+
+def _describe(err: dict) -> str:
+    kind, msg, given = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    if isinstance(given, (dict, list)) or given is None:
+        return msg[0].lower() + msg[1:]
+    return f"{msg[0].lower() + msg[1:]}, got {given!r}"
+
+
+def to_yaml(spec: Spec) -> str:
+    """The resolved spec as YAML (what `run_experiment NAME --print` shows)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,192 @@
+"""The training loop: one jit-compiled step (targets, loss, AdamW, EMA), checkpoints, resume.
+
+Randomness per step is `fold_in(base_key, step)`, so a resumed run draws exactly the numbers an
+uninterrupted run would have drawn, and its parameters match bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from shortcut.checkpoint import Checkpointer
+from shortcut.model import DiT
+from shortcut.objective import Objective
+from shortcut.spec import OptimizerSpec, Spec
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf; the last good checkpoint is kept untouched."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def build_model(spec: Spec) -> DiT:
+    m = spec.model
+    return DiT(hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+               patch_size=m.patch_size, out_channels=spec.input_shape[-1], num_classes=spec.data.num_classes,
+               d_conditioning=m.d_conditioning, dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+
+
+def make_apply_fn(model: DiT) -> Callable:
+    """ApplyFn(params, x, t, d, labels) -> velocity, the signature objectives use."""
+    return lambda params, x, t, d, labels: model.apply({"params": params}, x, t, d, labels)
+
+
+def learning_rate(opt: OptimizerSpec) -> optax.Schedule:
+    if opt.warmup_steps:
+        return optax.linear_schedule(0.0, opt.lr, opt.warmup_steps)
+    return optax.constant_schedule(opt.lr)
+
+
+def make_optimizer(opt: OptimizerSpec) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate(opt), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw) if opt.grad_clip else adamw
+
+
+def init_state(spec: Spec, model: DiT, optimizer: optax.GradientTransformation) -> TrainState:
+    key = jax.random.PRNGKey(spec.seed)
+    init_key, train_key = jax.random.split(key)
+    b = 1
+    x = jnp.zeros((b, *spec.input_shape), jnp.float32)
+    params = model.init(init_key, x, jnp.zeros((b,)), jnp.ones((b,)), jnp.zeros((b,), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=optimizer.init(params), rng=train_key)
+
+
+def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.GradientTransformation,
+                    spec: Spec) -> Callable:
+    """The jit-compiled update: (state, images, labels) -> (state, metrics)."""
+    ema_decay = spec.optimizer.ema_decay
+    schedule = learning_rate(spec.optimizer)
+    groups = objective.groups
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        key = jax.random.fold_in(state.rng, state.step)
+        tg = objective.targets(key, images, labels, apply_fn=apply_fn, params=state.params,
+                               ema_params=state.ema_params)
+
+        def loss_fn(params):
+            pred = apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels)
+            per_row = jnp.mean(jnp.square(pred - tg.v), axis=tuple(range(1, pred.ndim)))
+            return jnp.mean(per_row), per_row
+
+        (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        for i, name in enumerate(groups):
+            mask = tg.group == i
+            metrics[f"loss_{name}"] = jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]
+    resumed_from: int | None
+    seconds: float
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"signal {signum}")
+
+
+def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, checkpointer: Checkpointer,
+          *, shard: Callable = lambda x: x, log: Callable[[str], None] = print,
+          on_log: Callable[[dict], None] = lambda m: None) -> TrainResult:
+    """Run `spec.train.steps` steps from the latest checkpoint (if any), checkpointing as configured."""
+    cfg = spec.train
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is not None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                                state)
+        state, data_state = checkpointer.restore(resumed_from, abstract)
+        data.set_state(data_state)
+        log(f"resumed from checkpoint at step {resumed_from}")
+    start = int(state.step)
+    history: list[dict] = []
+    last_saved = resumed_from
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not interactive, dynamic_ncols=True, desc="train")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    t0 = time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            batch = next(data)
+            state, metrics = train_step(state, shard(batch["image"]), shard(batch["label"]))
+            window_steps += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(metrics["loss"]):
+                    raise NonFiniteLossError(
+                        f"non-finite loss {metrics['loss']} at step {done}; last good checkpoint: "
+                        f"{last_saved if last_saved is not None else 'none'} in {checkpointer.directory}. "
+                        "Lower optimizer.lr or set optimizer.grad_clip.")
+                now = time.perf_counter()
+                metrics.update(step=done, steps_per_sec=window_steps / (now - window_start))
+                window_start, window_steps = now, 0
+                history.append(metrics)
+                on_log(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", it_s=f"{metrics['steps_per_sec']:.1f}")
+                if not interactive:
+                    log(" ".join([f"step {done}/{cfg.steps}"] + [f"{k} {v:.4g}" for k, v in metrics.items()
+                                                                 if k not in ("step", "lr")]))
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                last_saved = _save(checkpointer, done, state, data)
+            bar.update(1)
+        if last_saved != cfg.steps:
+            last_saved = _save(checkpointer, cfg.steps, state, data)
+    except (KeyboardInterrupt, _Terminated):
+        done = int(state.step)
+        if done != last_saved and _finite(state):
+            log(f"interrupted: saving a checkpoint at step {done}")
+            _save(checkpointer, done, state, data)
+        raise
+    finally:
+        checkpointer.wait()
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return TrainResult(state, history, resumed_from, time.perf_counter() - t0)
+
+
+def _finite(state: TrainState) -> bool:
+    leaves = jax.tree.leaves(state.params)
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def _save(checkpointer: Checkpointer, step: int, state: TrainState, data) -> int:
+    if not _finite(state):
+        raise NonFiniteLossError(f"parameters became non-finite by step {step}; not saving over the last good "
+                                 f"checkpoint in {checkpointer.directory}")
+    checkpointer.save(step, state, data.get_state())
+    return step

@@ -1,0 +1,161 @@
+"""End-to-end runs: smoke runs of the paper specs, a short digits run, resume after SIGKILL, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shortcut import methods
+from shortcut.checkpoint import Checkpointer
+from shortcut.run import run, run_dir
+from shortcut.spec import load_spec
+from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
+                            make_train_step, train)
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["train.steps=40", "train.log_every=20", "train.checkpoint_every=20", "eval.steps=[128, 4, 1]",
+         "eval.num_samples=64", "eval.batch_size=64", "eval.grid_size=16"]
+
+
+@pytest.mark.parametrize("name", ["celeba_ditb_shortcut", "celeba_ditb_flow", "imagenet_ditb_shortcut",
+                                  "imagenet_ditb_flow", "imagenet_ditxl_shortcut"])
+def test_paper_specs_smoke(name, tmp_path):
+    record = run(load_spec(name), workdir=tmp_path, smoke=True, log=lambda s: None)
+    assert record["status"] == "finished" and record["smoke"] is True
+    assert "mock" in record["data"]
+    assert record["spec"]["model"]["hidden_size"] == 32
+    assert record["spec"]["method"] == {**load_spec(name).model_dump(mode="json")["method"]}
+    assert set(record["samples"]) == {"128", "4", "1"}
+    for s in record["samples"].values():
+        assert Path(s["grid"]).exists() and np.isfinite(s["mean"])
+    assert json.loads((Path(record["run_dir"]) / "run.json").read_text())["status"] == "finished"
+
+
+def test_digits_run_writes_record_grids_and_checkpoints(tmp_path):
+    spec = load_spec("digits_shortcut", SHORT)
+    record = run(spec, workdir=tmp_path, log=lambda s: None)
+    rundir = run_dir(spec, tmp_path)
+    on_disk = json.loads((rundir / "run.json").read_text())
+    assert on_disk["status"] == "finished" and on_disk["spec_hash"] == spec.hash()
+    assert on_disk["git_commit"] and on_disk["timings"]["train_s"] > 0
+    assert [h["step"] for h in on_disk["train"]["history"]] == [20, 40]
+    for h in on_disk["train"]["history"]:
+        assert {"loss", "loss_flow", "loss_bootstrap", "steps_per_sec", "lr", "grad_norm"} <= set(h)
+    assert on_disk["samples"]["1"]["network_evaluations"] == 1
+    assert on_disk["samples"]["128"]["network_evaluations"] == 128
+    assert all((rundir / "samples" / f"steps_{n}.png").exists() for n in (128, 4, 1))
+    assert Checkpointer(rundir / "checkpoints", keep=2).all_steps() == [20, 40]
+    assert "Total" in (rundir / "params.txt").read_text()
+    # A rerun of a finished run resumes at the end and only samples again.
+    again = run(spec, workdir=tmp_path, log=lambda s: None)
+    assert again["resumed_from"] == 40 and again["train"]["history"] == []
+
+
+def _final_params(rundir: Path, spec):
+    model = build_model(spec)
+    state = init_state(spec, model, make_optimizer(spec.optimizer))
+    ckpt = Checkpointer(rundir / "checkpoints", keep=2)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    restored, _ = ckpt.restore(ckpt.latest_step(), abstract)
+    ckpt.close()
+    return restored
+
+
+def _cli(workdir: Path, overrides: list[str]) -> list[str]:
+    args = [sys.executable, "-m", "orchestration.run_experiment", "digits_shortcut", "--workdir", str(workdir)]
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """SIGKILL after a checkpoint, rerun: it resumes there and ends with bitwise-identical parameters."""
+    overrides = ["train.steps=120", "train.checkpoint_every=30", "train.log_every=30", "eval.steps=[1]",
+                 "eval.num_samples=16", "eval.batch_size=16"]
+    spec = load_spec("digits_shortcut", overrides)
+    killed_dir = tmp_path / "killed"
+    ckpt_dir = run_dir(spec, killed_dir) / "checkpoints"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_cli(killed_dir, overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; lengthen it"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 120
+
+    resumed = subprocess.run(_cli(killed_dir, overrides), cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = json.loads((run_dir(spec, killed_dir) / "run.json").read_text())
+    assert record["status"] == "finished" and record["resumed_from"] in steps
+    assert f"resumed from checkpoint at step {record['resumed_from']}" in resumed.stdout
+
+    straight = run(spec, workdir=tmp_path / "straight", log=lambda s: None)
+    assert straight["resumed_from"] is None
+    a = _final_params(run_dir(spec, killed_dir), spec)
+    b = _final_params(run_dir(spec, tmp_path / "straight"), spec)
+    assert int(a.step) == int(b.step) == 120
+    for x, y in zip(jax.tree.leaves((a.params, a.ema_params, a.opt_state)),
+                    jax.tree.leaves((b.params, b.ema_params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class _PoisonedData:
+    """Digits-shaped batches; NaN images from batch `poison_at` on."""
+
+    def __init__(self, poison_at: int):
+        self.i, self.poison_at = 0, poison_at
+        self.rng = np.random.default_rng(0)
+
+    def __next__(self):
+        self.i += 1
+        image = self.rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+        if self.i >= self.poison_at:
+            image[:] = np.nan
+        return {"image": image, "label": np.zeros((16,), np.int32)}
+
+    def get_state(self) -> bytes:
+        return str(self.i).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.i = int(state)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    spec = load_spec("digits_flow", ["train.steps=10", "train.batch_size=16", "train.log_every=1",
+                                     "train.checkpoint_every=2"])
+    model = build_model(spec)
+    optimizer = make_optimizer(spec.optimizer)
+    objective = methods.make_objective(spec)
+    step = make_train_step(make_apply_fn(model), objective, optimizer, spec)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=5)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at step 5; last good checkpoint: 4"):
+        train(spec, init_state(spec, model, optimizer), step, _PoisonedData(poison_at=5), ckpt, log=lambda s: None)
+    assert ckpt.all_steps() == [2, 4]
+    restored, data_state = ckpt.restore(4, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                        init_state(spec, model, optimizer)))
+    assert data_state == b"4"
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored.params))
+
+
+def test_latent_spec_without_smoke_is_refused_clearly(tmp_path):
+    from shortcut.run import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="latent space of sd-vae-ft-mse.*--smoke"):
+        run(load_spec("celeba_ditb_shortcut"), workdir=tmp_path, log=lambda s: None)
+    record = json.loads(next(tmp_path.rglob("run.json")).read_text())
+    assert record["status"] == "failed" and "UnsupportedError" in record["error"]
