@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from shortcut.methods import MethodConfig
-from shortcut.objective import ApplyFn, Objective, Targets, euler_sample, flow_targets
+from shortcut.objective import ApplyFn, Context, Objective, Targets, euler_sample, flow_targets
 
 
 class FlowMatchingConfig(MethodConfig):
@@ -19,11 +19,10 @@ class FlowMatchingConfig(MethodConfig):
 class FlowMatchingObjective(Objective):
     Config = FlowMatchingConfig
 
-    def targets(self, key: jax.Array, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn, params,
-                ema_params) -> Targets:
+    def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         cfg = self.config
-        return flow_targets(key, images, labels, m=cfg.denoise_timesteps, class_dropout=cfg.class_dropout,
-                            null_class=self.null_class)
+        return flow_targets(key, batch["image"], batch["label"], m=cfg.denoise_timesteps,
+                            class_dropout=cfg.class_dropout, null_class=self.null_class)
 
     def sample(self, apply_fn: ApplyFn, params, noise: jax.Array, labels: jax.Array, num_steps: int, *,
                cfg_scale: float = 1.0) -> jax.Array:

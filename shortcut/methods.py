@@ -15,6 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 OBJECTIVES: dict[str, str] = {
     "shortcut": "shortcut.objective:ShortcutObjective",
     "flow_matching": "baselines.flow_matching:FlowMatchingObjective",
+    "diffusion": "baselines.diffusion:DiffusionObjective",
+    "consistency_training": "baselines.consistency_training:ConsistencyTrainingObjective",
+    "consistency_distillation": "baselines.consistency_distillation:ConsistencyDistillationObjective",
+    "progressive_distillation": "baselines.progressive_distillation:ProgressiveDistillationObjective",
+    "reflow": "baselines.reflow:ReflowObjective",
+    "live_reflow": "baselines.live_reflow:LiveReflowObjective",
+    "meanflow": "baselines.meanflow:MeanFlowObjective",
 }
 
 
@@ -71,5 +78,8 @@ def parse_config(value: Any) -> MethodConfig:
 
 
 def make_objective(spec) -> Any:
-    """Instantiate the objective for a resolved spec."""
-    return objective_class(spec.method.name)(spec.method, num_classes=spec.data.num_classes)
+    """Instantiate the objective for a resolved spec (`from_spec` when it needs more of the spec, e.g. train.steps)."""
+    cls = objective_class(spec.method.name)
+    if hasattr(cls, "from_spec"):
+        return cls.from_spec(spec)
+    return cls(spec.method, num_classes=spec.data.num_classes)

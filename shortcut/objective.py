@@ -7,7 +7,9 @@ Conventions (paper, checked against the official code):
 
 An objective has two jobs: `targets` builds regression targets for a batch, `sample` generates with
 N steps. The train loop, checkpointing and evaluation call only these and never branch on the
-method's name. `ApplyFn(params, x, t, d, labels) -> velocity` is how objectives call the network.
+method's name. `ApplyFn(params, x, t, d, labels) -> velocity` is how objectives call the network;
+`Context` carries what targets may depend on besides the batch (parameters, EMA parameters, the
+step, and `aux`: state the objective owns, such as a distillation teacher's parameters).
 
 Choices where the paper and the official code differ (official default kept unless stated):
   * flow rows use t on the grid {0, 1/M, .., (M-1)/M} and are conditioned on d = 1/M (the paper
@@ -42,6 +44,17 @@ class Targets(NamedTuple):
     labels: jax.Array
     v: jax.Array
     group: jax.Array  # int [B]: index into the objective's `groups`, for separate loss logging
+    weight: jax.Array | None = None  # per-row loss weight [B]; None = 1
+
+
+class Context(NamedTuple):
+    """What an objective's targets may use besides the batch."""
+
+    apply_fn: ApplyFn
+    params: Any
+    ema_params: Any
+    step: jax.Array | int = 0
+    aux: Any = None
 
 
 def expand(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -103,9 +116,18 @@ class Objective:
         self.config = config
         self.null_class = num_classes  # the label table's extra row
 
-    def targets(self, key: jax.Array, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn, params,
-                ema_params) -> Targets:
+    def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
+        """Regression targets for a batch {"image": [B,H,W,C] in [-1,1], "label": [B], ...}."""
         raise NotImplementedError
+
+    def init_aux(self, params, teacher_params=None) -> Any:
+        """The objective's own training state (kept in the TrainState and checkpointed); None by default."""
+        return None
+
+    def next_aux(self, aux, *, params, step: jax.Array, ema_params=None) -> Any:
+        """Update `aux` after an optimizer step (inside jit); `step` is the number of steps done;
+        params / ema_params are the parameters after that step."""
+        return aux
 
     def sample(self, apply_fn: ApplyFn, params, noise: jax.Array, labels: jax.Array, num_steps: int, *,
                cfg_scale: float = 1.0) -> jax.Array:
@@ -152,9 +174,9 @@ class ShortcutObjective(Objective):
         counts[: n % self.num_levels] += 1
         return np.repeat(np.arange(self.num_levels), counts)[::-1].copy()
 
-    def targets(self, key: jax.Array, images: jax.Array, labels: jax.Array, *, apply_fn: ApplyFn, params,
-                ema_params) -> Targets:
+    def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         cfg = self.config
+        images, labels = batch["image"], batch["label"]
         flow_kw = dict(m=cfg.denoise_timesteps, class_dropout=cfg.class_dropout, null_class=self.null_class)
         nb = self.bootstrap_size(images.shape[0])
         if nb == 0:
@@ -168,10 +190,10 @@ class ShortcutObjective(Objective):
         x1, y = images[:nb], labels[:nb]
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
         x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
-        teacher = ema_params if cfg.bootstrap_ema else params
-        v = jax.lax.stop_gradient(self._bootstrap_target(apply_fn, teacher, x_t, t, d, y, levels))
+        teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
+        v = jax.lax.stop_gradient(self._bootstrap_target(ctx.apply_fn, teacher, x_t, t, d, y, levels))
         boot = Targets(x_t, t, d, y, v, jnp.ones((nb,), jnp.int32))
-        return Targets(*(jnp.concatenate([a, f]) for a, f in zip(boot, flow)))
+        return Targets(*(jnp.concatenate([a, f]) for a, f in zip(boot[:6], flow[:6])))
 
     def _bootstrap_target(self, apply_fn, params, x_t, t, d, labels, levels) -> jax.Array:
         cfg = self.config

@@ -1,8 +1,9 @@
 """One experiment run: check data -> build -> train (resuming) -> sample at each step count -> record.
 
 Everything a run writes lives in its run directory `<workdir>/<spec name>/<spec hash[:12]>/`:
-checkpoints/, samples/steps_<N>.png, params.txt and run.json (the run record: the source of truth
-for what was trained, how long it took and what came out).
+checkpoints/, samples/steps_<N>.png, eval/ (partial metric statistics, so a killed evaluation resumes),
+params.txt and run.json (the run record: the source of truth for what was trained, how long it took
+and every metric with its provenance).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from clu import parameter_overview
 
 from shortcut import data as data_lib
-from shortcut import methods
+from shortcut import methods, stages
 from shortcut.checkpoint import Checkpointer
-from shortcut.images import save_grid
-from shortcut.sampling import generate, make_sampler
+from shortcut.evaluate import evaluate, load_metric
+from shortcut.sampling import make_sampler
 from shortcut.sharding import DataParallel
 from shortcut.spec import Spec, SpecError, validate
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, train
+from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, restore, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,8 @@ def smoke_version(spec: Spec) -> Spec:
     tree["model"] = dict(tree["model"], size=None, hidden_size=32, depth=2, num_heads=2, dtype="float32")
     tree["train"] = dict(tree["train"], steps=4, batch_size=8, log_every=2, checkpoint_every=2)
     tree["eval"] = dict(tree["eval"], num_samples=8, batch_size=8, grid_size=8)
+    smoke_method = getattr(methods.objective_class(spec.method.name), "smoke_method", None)  # e.g. fewer reflow pairs
+    tree["method"] = smoke_method(tree["method"]) if smoke_method else tree["method"]
     return validate(tree, {}, default_source=f"{spec.name} (--smoke)")
 
 
@@ -71,11 +73,6 @@ def make_data(spec: Spec, smoke: bool, dp: DataParallel):
     if smoke:
         return data_lib.make_mock_iterator(image_shape=spec.input_shape, num_classes=spec.data.num_classes,
                                            batch_size=per_process, seed=spec.seed)
-    if spec.data.latent is not None:
-        raise UnsupportedError(
-            f"{spec.name} trains in the latent space of {spec.data.latent.autoencoder}; the latent pipeline "
-            "(autoencoder, weights, encoding) is not part of this version yet. Use --smoke to check the spec "
-            "end to end on mock latents.")
     d = spec.data
     info = data_lib.check_dataset(d.dataset, split=d.split, data_dir=d.data_dir, image_size=d.image_size)
     if info.image_shape != spec.input_shape:
@@ -89,22 +86,30 @@ def make_data(spec: Spec, smoke: bool, dp: DataParallel):
                                         shuffle_buffer=d.shuffle_buffer)
 
 
-def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, log=print) -> dict:
-    """Train and sample one spec; returns the run record (also written to run.json)."""
+def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, eval_only: bool = False,
+        log=print, tracker=None) -> dict:
+    """Train (or with eval_only, load the latest checkpoint) and evaluate one spec; returns the run
+    record, which is also written to run.json. An optional `tracker` gets start(record),
+    log_metrics(metrics) per training log line, log_evaluation(entries) and end(final record)."""
     if smoke:
         spec = smoke_version(spec)
     rundir = run_dir(spec, workdir)
     rundir.mkdir(parents=True, exist_ok=True)
-    record = {
+    previous = rundir / "run.json"
+    record = json.loads(previous.read_text()) if eval_only and previous.exists() else {}
+    record.update({
         "name": spec.name, "spec_hash": spec.hash(), "smoke": smoke, "status": "running",
         "data": "mock (random) data, for a pipeline check only" if smoke else spec.data.dataset,
         "git_commit": git_commit(), "started": _now(), "run_dir": str(rundir),
         "devices": [str(d) for d in jax.devices()], "versions": _versions(),
         "spec": spec.model_dump(mode="json"),
-    }
+    })
+    record.setdefault("evaluation", [])
     write_json(rundir / "run.json", record)
+    if tracker is not None:  # e.g. orchestration.tracking.Tracker; its hooks never raise
+        tracker.start(record)
     try:
-        _run(spec, rundir, smoke, record, log)
+        _run(spec, rundir, smoke, eval_only, record, log, tracker)
         record["status"] = "finished"
         return record
     except BaseException as e:  # the record says how the run ended, whatever ended it
@@ -114,17 +119,35 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, l
     finally:
         record["finished"] = _now()
         write_json(rundir / "run.json", record)
+        if tracker is not None:
+            tracker.end(record)
 
 
-def _run(spec: Spec, rundir: Path, smoke: bool, record: dict, log) -> None:
+def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, log, tracker=None) -> None:
     t0 = time.perf_counter()
+    if spec.data.latent is not None and not smoke:
+        raise UnsupportedError(
+            f"{spec.name} trains in the latent space of {spec.data.latent.autoencoder}; the latent pipeline "
+            "(autoencoder, weights, encoding) is not part of this version yet. Use --smoke to check the spec "
+            "end to end on mock latents.")
+    metric = None if smoke else load_metric(spec)  # fail before training if weights/statistics are missing
+    if smoke:
+        record["evaluation_note"] = "--smoke: mock data has no reference statistics, so no metric"
     dp = DataParallel.create(spec.train.batch_size)
-    data = make_data(spec, smoke, dp)
+    # A `teacher:` spec is found finished in the same work directory or trained first (shortcut/stages.py).
+    teacher = stages.resolve_teacher(spec, rundir.parents[1], smoke=smoke, train_missing=not eval_only, log=log)
+    if teacher is not None:
+        record["teacher"] = teacher.summary()
+    objective = methods.make_objective(spec)
+    data = None
+    if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
+        data = stages.training_data(spec, objective, teacher, rundir, log=log)
+        data = make_data(spec, smoke, dp) if data is None else data
     model = build_model(spec)
     apply_fn = make_apply_fn(model)
-    objective = methods.make_objective(spec)
     optimizer = make_optimizer(spec.optimizer)
-    state = dp.replicate(init_state(spec, model, optimizer))
+    state = init_state(spec, model, optimizer, objective, teacher_params=teacher.params if teacher else None)
+    state = dp.replicate(stages.start_from_teacher(spec, state, objective, teacher))
 
     overview = parameter_overview.get_parameter_overview(state.params, include_stats=False)
     (rundir / "params.txt").write_text(overview + "\n")
@@ -133,66 +156,41 @@ def _run(spec: Spec, rundir: Path, smoke: bool, record: dict, log) -> None:
     log(f"{spec.name} [{spec.hash()[:12]}] {spec.method.name}, DiT hidden {spec.model.hidden_size} depth "
         f"{spec.model.depth}: {n_params:,} parameters (table in {rundir / 'params.txt'})")
 
-    train_step = make_train_step(apply_fn, objective, optimizer, spec)
+    sampler = make_sampler(objective, apply_fn)
+    timings = record.setdefault("timings", {})
+    timings["setup_s"] = time.perf_counter() - t0
+
+    def evaluate_at(state, step: int) -> None:
+        t = time.perf_counter()
+        entries, samples = evaluate(spec, metric, sampler, state.ema_params, objective=objective, train_step=step,
+                                    rundir=rundir, log=log)
+        record["evaluation"] = [e for e in record["evaluation"] if e["train_step"] != step] + entries
+        record["samples"] = samples
+        timings[f"evaluate_step{step}_s"] = time.perf_counter() - t
+        write_json(rundir / "run.json", record)
+        if tracker is not None:
+            tracker.log_evaluation(entries)
+
     checkpointer = Checkpointer(rundir / "checkpoints", keep=spec.train.keep_checkpoints)
-    record["timings"] = {"setup_s": time.perf_counter() - t0}
     try:
-        result = train(spec, state, train_step, data, checkpointer, shard=dp.shard, log=log)
+        if eval_only:
+            step = checkpointer.latest_step()
+            if step is None:
+                raise UnsupportedError(f"--eval-only: no checkpoint in {checkpointer.directory}; train first")
+            state, _ = restore(checkpointer, step, state)
+            log(f"evaluating the checkpoint at step {step}")
+        else:
+            train_step = make_train_step(apply_fn, objective, optimizer, spec)
+            result = train(spec, state, train_step, data, checkpointer, shard=dp.shard, log=log, on_eval=evaluate_at,
+                           on_log=tracker.log_metrics if tracker is not None else lambda m: None)
+            state = result.state
+            record["resumed_from"] = result.resumed_from
+            timings["train_s"] = result.seconds
+            record["train"] = {"steps": spec.train.steps, "final": result.history[-1] if result.history else None,
+                               "history": result.history}
     finally:
         checkpointer.close()
-    record["resumed_from"] = result.resumed_from
-    record["timings"]["train_s"] = result.seconds
-    record["train"] = {"steps": spec.train.steps, "final": result.history[-1] if result.history else None,
-                       "history": result.history}
-    record["samples"] = sample_all(spec, objective, make_sampler(objective, apply_fn), result.state.ema_params,
-                                   rundir, record["timings"], log)
-
-
-def sample_all(spec: Spec, objective, sampler, params, rundir: Path, timings: dict, log) -> dict:
-    """Sample `eval.num_samples` at each step count from the same noise; grid + summary statistics."""
-    out = {}
-    ev = spec.eval
-    for n in ev.steps:
-        t0 = time.perf_counter()
-        stats = _RunningMoments()
-        grid_images = []
-        for images, _ in generate(sampler, params, shape=spec.input_shape, num_classes=spec.data.num_classes,
-                                  num_samples=ev.num_samples, batch_size=ev.batch_size, num_steps=n,
-                                  cfg_scale=ev.cfg_scale, seed=spec.seed + 1):
-            stats.update(images)
-            if sum(len(g) for g in grid_images) < ev.grid_size:
-                grid_images.append(images)
-        seconds = time.perf_counter() - t0
-        grid = save_grid(np.concatenate(grid_images)[: ev.grid_size], rundir / "samples" / f"steps_{n}.png")
-        out[str(n)] = {"num_samples": ev.num_samples, "network_evaluations": objective.network_evaluations(n, ev.cfg_scale),
-                       "cfg_scale": ev.cfg_scale, "params": "ema", "seconds": seconds, "grid": str(grid),
-                       **stats.summary()}
-        timings[f"sample_{n}_steps_s"] = seconds
-        log(f"sampled {ev.num_samples} at {n} step(s) in {seconds:.1f}s: mean {stats.summary()['mean']:+.3f} "
-            f"std {stats.summary()['std']:.3f}, outside [-1,1] {stats.summary()['frac_outside']:.1%} -> {grid}")
-    return out
-
-
-class _RunningMoments:
-    """Pixel statistics of the samples (a sanity check; quality metrics come from evaluation)."""
-
-    def __init__(self):
-        self.n = 0
-        self.s = self.s2 = 0.0
-        self.lo, self.hi, self.outside = np.inf, -np.inf, 0
-
-    def update(self, x: np.ndarray) -> None:
-        x = x.astype(np.float64)
-        self.n += x.size
-        self.s += x.sum()
-        self.s2 += np.square(x).sum()
-        self.lo, self.hi = min(self.lo, x.min()), max(self.hi, x.max())
-        self.outside += int(np.sum(np.abs(x) > 1))
-
-    def summary(self) -> dict:
-        mean = self.s / self.n
-        return {"mean": mean, "std": float(np.sqrt(max(self.s2 / self.n - mean**2, 0))), "min": float(self.lo),
-                "max": float(self.hi), "frac_outside": self.outside / self.n}
+    evaluate_at(state, int(state.step))
 
 
 def _now() -> str:

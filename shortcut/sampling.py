@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +29,19 @@ def sample_labels(start: int, count: int, num_classes: int) -> np.ndarray:
     return (np.arange(start, start + count) % num_classes).astype(np.int32)
 
 
-def generate(sampler: Callable, params, *, shape: tuple[int, ...], num_classes: int, num_samples: int,
-             batch_size: int, num_steps: int, cfg_scale: float, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (samples, intended labels) batches. Sample i's noise depends only on (seed, i), so every
-    step count starts from the same noise and a resumed generation reproduces the same samples."""
+def noise_for(start: int, count: int, shape: tuple[int, ...], seed: int) -> jax.Array:
+    """Starting noise of samples start..start+count-1: sample i's noise depends only on (seed, i), so
+    every step count and every method starts from the same noise, and a resumed job regenerates
+    exactly the samples it is missing."""
     key = jax.random.PRNGKey(seed)
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + batch_size))
-        noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-        labels = jnp.asarray(sample_labels(start, batch_size, num_classes))
-        out = sampler(params, noise, labels, num_steps=num_steps, cfg_scale=cfg_scale)
-        yield np.asarray(out[:n]), np.asarray(labels[:n])
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + count))
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+
+def sample_range(sampler: Callable, params, start: int, count: int, *, shape: tuple[int, ...], num_classes: int,
+                 num_steps: int, cfg_scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples start..start+count-1 and their intended labels, as numpy arrays."""
+    labels = sample_labels(start, count, num_classes)
+    out = sampler(params, noise_for(start, count, shape, seed), jnp.asarray(labels), num_steps=num_steps,
+                  cfg_scale=cfg_scale)
+    return np.asarray(out), labels

@@ -7,6 +7,7 @@ merged first, the file's own keys win, then `--set key=value` overrides. Every e
 The spec hash identifies *what is trained* (seed, data, model, method, optimizer, train): two
 resolved specs with the same hash train the same model, whatever their names, evaluation settings
 or output locations. It keys the work directory, so a rerun resumes and a changed spec starts fresh.
+A spec with a `teacher` (another spec, trained first) also hashes the teacher's own hash.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class EvalSpec(_Section):
     batch_size: int = Field(default=256, ge=1)
     cfg_scale: float = Field(default=1.0, description="classifier-free guidance w; 1 = no guidance")
     grid_size: int = Field(default=64, ge=1, description="samples shown in each PNG grid")
+    metric: Literal["none", "fd_digits", "fid"] = "none"
+    every: int | None = Field(default=None, ge=1, description="also evaluate every N training steps")
+    reference_stats: str | None = Field(default=None, description="fid: reference statistics file (default: "
+                                        "$SHORTCUT_WEIGHTS_DIR/fid_stats/<dataset>_<split>_<size>.npz, see fid_stats)")
+    inception_weights: str | None = Field(default=None, description="fid: weights file (default: standard lookup)")
+    verify_inception: bool = Field(default=True, description="require the standard FID weights' sha256; false "
+                                   "only for pipeline tests with other weights (the record says so)")
 
 
 class ResourcesSpec(_Section):
@@ -136,6 +144,9 @@ class Spec(_Section):
     eval: EvalSpec = EvalSpec()
     resources: ResourcesSpec = ResourcesSpec()
     output: OutputSpec = OutputSpec()
+    teacher: str | None = Field(default=None, description="spec whose finished run this one starts from "
+                                "(distillation, reflow); resolved or trained first by shortcut/stages.py")
+    teacher_overrides: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides applied to the teacher spec")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -151,8 +162,17 @@ class Spec(_Section):
         size = self.input_shape[0]
         if size % self.model.patch_size:
             raise KeyedValueError("model.patch_size", f"must divide the model input size {size}")
+        if self.eval.metric == "fd_digits" and self.input_shape != (8, 8, 1):
+            raise KeyedValueError("eval.metric", f"fd_digits needs 8x8x1 digits images, the model sees {self.input_shape}")
         if self.train.batch_size < 2:
             raise KeyedValueError("train.batch_size", "must be at least 2")
+        if self.teacher_overrides and self.teacher is None:
+            raise KeyedValueError("teacher_overrides", "given without a `teacher`")
+        if self.teacher is not None:
+            try:
+                spec_path(self.teacher)
+            except SpecError as e:
+                raise KeyedValueError("teacher", e.message) from None
         return self
 
     @property
@@ -168,7 +188,21 @@ class Spec(_Section):
     def hash(self) -> str:
         """Stable sha256 of the training-relevant content (see module docstring)."""
         content = self.model_dump(mode="json", include=set(HASHED_SECTIONS))
+        if self.teacher is not None:
+            content["teacher"] = self.teacher_spec().hash()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    def teacher_spec(self) -> "Spec | None":
+        """The teacher's spec (with `teacher_overrides`), or None; a cycle of teachers is a SpecError."""
+        if self.teacher is None:
+            return None
+        chain, spec = [self.name], self
+        while spec.teacher is not None:
+            spec = load_spec(spec.teacher, spec.teacher_overrides)
+            if spec.name in chain:
+                raise SpecError(self.name, "teacher", "cycle of teachers: " + " -> ".join(chain + [spec.name]))
+            chain.append(spec.name)
+        return load_spec(self.teacher, self.teacher_overrides)
 
 
 # ---------------------------------------------------------------- YAML loading

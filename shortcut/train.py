@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from shortcut.checkpoint import Checkpointer
 from shortcut.model import DiT
-from shortcut.objective import Objective
+from shortcut.objective import Context, Objective
 from shortcut.spec import OptimizerSpec, Spec
 
 
@@ -36,6 +36,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
+    aux: Any = None  # the objective's own state (e.g. a teacher's parameters)
 
 
 def build_model(spec: Spec) -> DiT:
@@ -61,31 +62,35 @@ def make_optimizer(opt: OptimizerSpec) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw) if opt.grad_clip else adamw
 
 
-def init_state(spec: Spec, model: DiT, optimizer: optax.GradientTransformation) -> TrainState:
+def init_state(spec: Spec, model: DiT, optimizer: optax.GradientTransformation, objective: Objective | None = None,
+               teacher_params=None) -> TrainState:
     key = jax.random.PRNGKey(spec.seed)
     init_key, train_key = jax.random.split(key)
     b = 1
     x = jnp.zeros((b, *spec.input_shape), jnp.float32)
     params = model.init(init_key, x, jnp.zeros((b,)), jnp.ones((b,)), jnp.zeros((b,), jnp.int32))["params"]
+    aux = objective.init_aux(params, teacher_params) if objective is not None else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=optimizer.init(params), rng=train_key)
+                      opt_state=optimizer.init(params), rng=train_key, aux=aux)
 
 
 def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.GradientTransformation,
                     spec: Spec) -> Callable:
-    """The jit-compiled update: (state, images, labels) -> (state, metrics)."""
+    """The jit-compiled update: (state, batch) -> (state, metrics)."""
     ema_decay = spec.optimizer.ema_decay
     schedule = learning_rate(spec.optimizer)
     groups = objective.groups
 
-    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+    def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
-        tg = objective.targets(key, images, labels, apply_fn=apply_fn, params=state.params,
-                               ema_params=state.ema_params)
+        ctx = Context(apply_fn, state.params, state.ema_params, state.step, state.aux)
+        tg = objective.targets(key, batch, ctx)
 
         def loss_fn(params):
             pred = apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels)
             per_row = jnp.mean(jnp.square(pred - tg.v), axis=tuple(range(1, pred.ndim)))
+            if tg.weight is not None:
+                per_row = per_row * tg.weight
             return jnp.mean(per_row), per_row
 
         (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -96,7 +101,8 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
         for i, name in enumerate(groups):
             mask = tg.group == i
             metrics[f"loss_{name}"] = jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        aux = objective.next_aux(state.aux, params=params, ema_params=ema, step=state.step + 1)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, aux=aux)
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -120,14 +126,14 @@ def _raise_terminated(signum, frame):
 
 def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, checkpointer: Checkpointer,
           *, shard: Callable = lambda x: x, log: Callable[[str], None] = print,
-          on_log: Callable[[dict], None] = lambda m: None) -> TrainResult:
-    """Run `spec.train.steps` steps from the latest checkpoint (if any), checkpointing as configured."""
+          on_log: Callable[[dict], None] = lambda m: None,
+          on_eval: Callable[[TrainState, int], None] | None = None) -> TrainResult:
+    """Run `spec.train.steps` steps from the latest checkpoint (if any), checkpointing as configured,
+    calling `on_eval(state, step)` every `spec.eval.every` steps (not at the end: the caller does)."""
     cfg = spec.train
     resumed_from = checkpointer.latest_step()
     if resumed_from is not None:
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-                                state)
-        state, data_state = checkpointer.restore(resumed_from, abstract)
+        state, data_state = restore(checkpointer, resumed_from, state)
         data.set_state(data_state)
         log(f"resumed from checkpoint at step {resumed_from}")
     start = int(state.step)
@@ -142,7 +148,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
     try:
         for step in range(start, cfg.steps):
             batch = next(data)
-            state, metrics = train_step(state, shard(batch["image"]), shard(batch["label"]))
+            state, metrics = train_step(state, {k: shard(v) for k, v in batch.items()})
             window_steps += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -163,6 +169,8 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
                                                                  if k not in ("step", "lr")]))
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 last_saved = _save(checkpointer, done, state, data)
+            if on_eval and spec.eval.every and done % spec.eval.every == 0 and done < cfg.steps:
+                on_eval(state, done)
             bar.update(1)
         if last_saved != cfg.steps:
             last_saved = _save(checkpointer, cfg.steps, state, data)
@@ -177,6 +185,13 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
         signal.signal(signal.SIGTERM, previous)
         bar.close()
     return TrainResult(state, history, resumed_from, time.perf_counter() - t0)
+
+
+def restore(checkpointer: Checkpointer, step: int, like: TrainState) -> tuple[TrainState, bytes]:
+    """Restore (state, data iterator bytes) at `step`, with the structure and shardings of `like`."""
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                            like)
+    return checkpointer.restore(step, abstract)
 
 
 def _finite(state: TrainState) -> bool:

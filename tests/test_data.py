@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tfds_mock import write_mock_metadata
 from shortcut.data import (
     DatasetInfo,
     DatasetNotReadyError,
@@ -275,23 +276,8 @@ def test_celebahq_from_folder(tmp_path):
 # --- ImageNet and generic TFDS datasets (tfds.testing.mock_data) ----------------------------
 
 
-def _write_metadata(tfds_name: str, data_dir: Path, num_examples: int) -> None:
-    """Real metadata (features, split sizes) for a dataset whose records mock_data fakes."""
-    builder = tfds.builder(tfds_name, data_dir=str(data_dir))
-    template = tfds.core.ShardedFileTemplate(
-        data_dir=builder.data_path, dataset_name=builder.name, split="train",
-        filetype_suffix="tfrecord",
-    )
-    split = tfds.core.SplitInfo(
-        name="train", shard_lengths=[num_examples], num_bytes=0, filename_template=template
-    )
-    builder.info.set_splits(tfds.core.SplitDict([split]))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-
-
 def test_imagenet256_adm_crop_via_mock_data(tmp_path):
-    _write_metadata("imagenet2012", tmp_path, num_examples=3)
+    write_mock_metadata("imagenet2012", tmp_path, num_examples=3)
     # mock_data's images have random sizes 5..49 per side, so this is the upscaling path.
     with tfds.testing.mock_data(
         num_examples=3, data_dir=str(tmp_path), policy=tfds.testing.MockPolicy.USE_FILES
@@ -335,7 +321,7 @@ def test_adm_center_crop_matches_guided_diffusion(hw, size):
 
 
 def test_generic_tfds_dataset_via_mock_data(tmp_path):
-    _write_metadata("mnist", tmp_path, num_examples=10)
+    write_mock_metadata("mnist", tmp_path, num_examples=10)
     with tfds.testing.mock_data(
         num_examples=10, data_dir=str(tmp_path), policy=tfds.testing.MockPolicy.USE_FILES
     ):

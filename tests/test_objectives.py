@@ -1,4 +1,4 @@
-"""Objectives against an analytic oracle.
+"""Objectives against an analytic oracle (tests/oracle.py).
 
 For data x1 ~ N(mu, s^2 I) and noise x0 ~ N(0, I) on the path x_t = (1 - t) x0 + t x1, per dimension:
     x_t ~ N(t mu, sigma_t^2),  sigma_t^2 = (1 - t)^2 + t^2 s^2
@@ -13,39 +13,8 @@ import numpy as np
 import pytest
 
 from baselines.flow_matching import FlowMatchingConfig, FlowMatchingObjective
-from shortcut.objective import ShortcutConfig, ShortcutObjective, flow_targets
-
-MU, S = 0.7, 0.5
-SHAPE = (4, 4, 1)
-
-
-def sigma(t):
-    return jnp.sqrt((1 - t) ** 2 + t**2 * S**2)
-
-
-def exact_velocity(x, t):
-    t = t.reshape(-1, *([1] * (x.ndim - 1)))
-    return MU + (t * S**2 - (1 - t)) / sigma(t) ** 2 * (x - t * MU)
-
-
-def exact_flow_map(x, t, d):
-    t = t.reshape(-1, *([1] * (x.ndim - 1)))
-    d = d.reshape(-1, *([1] * (x.ndim - 1)))
-    return (t + d) * MU + sigma(t + d) / sigma(t) * (x - t * MU)
-
-
-def exact_shortcut(params, x, t, d, labels):
-    """An exact shortcut model, in the ApplyFn signature (params and labels unused)."""
-    return (exact_flow_map(x, t, d) - x) / d.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def velocity_model(params, x, t, d, labels):
-    """A model that ignores d: the exact instantaneous velocity."""
-    return exact_velocity(x, t)
-
-
-def gaussian_batch(key, n):
-    return MU + S * jax.random.normal(key, (n, *SHAPE)), jnp.zeros((n,), jnp.int32)
+from shortcut.objective import Context, ShortcutConfig, ShortcutObjective, flow_targets
+from tests.oracle import MU, S, SHAPE, exact_shortcut, exact_velocity, gaussian_batch, sigma, velocity_model
 
 
 def shortcut(**kw):
@@ -95,7 +64,7 @@ def test_bootstrap_target_is_two_half_step_euler_composition():
     """(b1) With any model, the bootstrap target is the average of two chained half-step velocities."""
     obj = shortcut()
     images, labels = gaussian_batch(jax.random.PRNGKey(0), 256)
-    tg = obj.targets(jax.random.PRNGKey(1), images, labels, apply_fn=velocity_model, params=None, ema_params=None)
+    tg = obj.targets(jax.random.PRNGKey(1), {"image": images, "label": labels}, Context(velocity_model, None, None))
     nb = obj.bootstrap_size(256)
     x, t, d = tg.x_t[:nb], tg.t[:nb], tg.d[:nb]
     h = (d / 2).reshape(-1, 1, 1, 1)
@@ -108,7 +77,7 @@ def test_bootstrap_target_from_exact_model_is_exact_shortcut():
     """(b2) Two exact half-shortcuts compose into the exact shortcut over d."""
     obj = shortcut()
     images, labels = gaussian_batch(jax.random.PRNGKey(0), 512)
-    tg = obj.targets(jax.random.PRNGKey(1), images, labels, apply_fn=exact_shortcut, params=None, ema_params=None)
+    tg = obj.targets(jax.random.PRNGKey(1), {"image": images, "label": labels}, Context(exact_shortcut, None, None))
     nb = obj.bootstrap_size(512)
     expected = exact_shortcut(None, tg.x_t[:nb], tg.t[:nb], tg.d[:nb], None)
     np.testing.assert_allclose(np.asarray(tg.v[:nb]), np.asarray(expected), rtol=1e-4, atol=1e-4)
@@ -121,10 +90,10 @@ def test_bootstrap_uses_ema_params_not_online():
     obj = shortcut()
     images, labels = gaussian_batch(jax.random.PRNGKey(0), 64)
     nb = obj.bootstrap_size(64)
-    tg = obj.targets(jax.random.PRNGKey(1), images, labels, apply_fn=scaled, params=1.0, ema_params=2.0)
+    tg = obj.targets(jax.random.PRNGKey(1), {"image": images, "label": labels}, Context(scaled, 1.0, 2.0))
     np.testing.assert_allclose(np.asarray(tg.v[:nb]), 2.0)
-    tg = shortcut(bootstrap_ema=False).targets(jax.random.PRNGKey(1), images, labels, apply_fn=scaled,
-                                               params=1.0, ema_params=2.0)
+    tg = shortcut(bootstrap_ema=False).targets(jax.random.PRNGKey(1), {"image": images, "label": labels},
+                                               Context(scaled, 1.0, 2.0))
     np.testing.assert_allclose(np.asarray(tg.v[:nb]), 1.0)
 
 
@@ -153,7 +122,7 @@ def test_batch_split_levels_and_t_grids():
     obj = shortcut(bootstrap_fraction=0.25)
     b = 256
     images, labels = gaussian_batch(jax.random.PRNGKey(0), b)
-    tg = obj.targets(jax.random.PRNGKey(1), images, labels, apply_fn=velocity_model, params=None, ema_params=None)
+    tg = obj.targets(jax.random.PRNGKey(1), {"image": images, "label": labels}, Context(velocity_model, None, None))
     group, d, t = np.asarray(tg.group), np.asarray(tg.d), np.asarray(tg.t)
     nb = 64
     assert (group == 1).sum() == nb and (group[:nb] == 1).all() and (group[nb:] == 0).all()
@@ -171,7 +140,7 @@ def test_batch_split_levels_and_t_grids():
 def test_t_is_uniform_over_each_levels_grid():
     obj = shortcut(bootstrap_fraction=0.5)
     images, labels = gaussian_batch(jax.random.PRNGKey(0), 7 * 2 * 400)
-    tg = obj.targets(jax.random.PRNGKey(2), images, labels, apply_fn=velocity_model, params=None, ema_params=None)
+    tg = obj.targets(jax.random.PRNGKey(2), {"image": images, "label": labels}, Context(velocity_model, None, None))
     nb = obj.bootstrap_size(images.shape[0])
     d, t = np.asarray(tg.d[:nb]), np.asarray(tg.t[:nb])
     two_step = t[d == 0.5]
@@ -188,7 +157,7 @@ def test_bootstrap_cfg_guides_only_the_finest_level():
                             num_classes=10)
     images = jnp.zeros((128, 2, 2, 1))
     labels = jnp.arange(128) % 10
-    tg = obj.targets(jax.random.PRNGKey(0), images, labels, apply_fn=label_model, params=None, ema_params=None)
+    tg = obj.targets(jax.random.PRNGKey(0), {"image": images, "label": labels}, Context(label_model, None, None))
     nb = obj.bootstrap_size(128)
     d, v = np.asarray(tg.d[:nb]), np.asarray(tg.v[:nb, 0, 0, 0])
     np.testing.assert_allclose(v[d == 1 / 64], 3.0)  # uncond 0 + 3 * (1 - 0)
@@ -197,10 +166,10 @@ def test_bootstrap_cfg_guides_only_the_finest_level():
 
 def test_zero_bootstrap_fraction_is_flow_matching():
     images, labels = gaussian_batch(jax.random.PRNGKey(0), 32)
-    a = shortcut(bootstrap_fraction=0.0).targets(jax.random.PRNGKey(1), images, labels, apply_fn=velocity_model,
-                                                 params=None, ema_params=None)
-    fm = FlowMatchingObjective(FlowMatchingConfig(name="flow_matching"), num_classes=0)
-    b = fm.targets(jax.random.PRNGKey(1), images, labels, apply_fn=velocity_model, params=None, ema_params=None)
+    batch, ctx = {"image": images, "label": labels}, Context(velocity_model, None, None)
+    a = shortcut(bootstrap_fraction=0.0).targets(jax.random.PRNGKey(1), batch, ctx)
+    b = FlowMatchingObjective(FlowMatchingConfig(name="flow_matching"), num_classes=0).targets(
+        jax.random.PRNGKey(1), batch, ctx)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -21,6 +21,7 @@ from shortcut.data.info import DatasetInfo
 _LAZY = {
     "check_dataset": "shortcut.data.catalog",
     "make_train_iterator": "shortcut.data.pipeline",
+    "iterate_split": "shortcut.data.pipeline",
     "make_mock_iterator": "shortcut.data.iterators",
     "BatchIterator": "shortcut.data.iterators",
     "prepare_dataset": "shortcut.data.prepare",
@@ -31,7 +32,7 @@ __all__ = ["DatasetInfo", "DatasetNotReadyError", *_LAZY]
 if TYPE_CHECKING:
     from shortcut.data.catalog import check_dataset
     from shortcut.data.iterators import BatchIterator, make_mock_iterator
-    from shortcut.data.pipeline import make_train_iterator
+    from shortcut.data.pipeline import iterate_split, make_train_iterator
     from shortcut.data.prepare import prepare_dataset
 
 

@@ -174,3 +174,24 @@ def make_train_iterator(
         "shuffle_buffer": shuffle_buffer,
     }
     return TFDataIterator(ds, info, fingerprint)
+
+
+def iterate_split(name: str, *, batch_size: int, split: str = "train", data_dir: str | None = None,
+                  image_size: int | None = None):
+    """One ordered pass over a whole split: every example exactly once, no shuffling or flips, the
+    last batch possibly smaller. Same preprocessing as training (for reference statistics)."""
+    source = resolve_source(name)
+    builder = load_builder(source, resolve_data_dir(data_dir))
+    info = dataset_info(source, builder, split, image_size)
+    stored_h, stored_w, _ = builder.info.features["image"].shape
+    adm = source.crop == "adm" or stored_h is None or stored_w is None
+    resize_to = None if adm or (stored_h, stored_w) == info.image_shape[:2] else info.image_shape[0]
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
+    ds = ds.map(lambda ex: _select(ex, info.num_classes > 0), num_parallel_calls=tf.data.AUTOTUNE)
+    if adm:
+        ds = ds.map(lambda ex: {"image": adm_center_crop(ex["image"], info.image_shape[0]), "label": ex["label"]},
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).enumerate()
+    ds = ds.map(lambda step, b: {"image": finish_batch(b["image"], step, resize_to=resize_to, flip_seed=None),
+                                 "label": b["label"]}, num_parallel_calls=tf.data.AUTOTUNE)
+    yield from ds.prefetch(2).with_options(_options()).as_numpy_iterator()

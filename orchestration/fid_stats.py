@@ -1,0 +1,58 @@
+"""`fid_stats NAME [--set key=value ...] [--out FILE]`: FID reference statistics over an entire split.
+
+The paper computes FID against statistics of the entire dataset. This makes one ordered pass over the
+spec's dataset split (same preprocessing as training, no flips), extracts FID Inception pool3
+features and writes mu, sigma, count and provenance (dataset, split, image size, feature network and
+its sha256) to FILE (default: where `eval.metric: fid` looks for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fid_stats", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="spec whose data section names the dataset, split and image size")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="output .npz (default: the spec's eval.reference_stats or the standard place)")
+    p.add_argument("--batch-size", type=int, default=100)
+    args = p.parse_args(argv)
+
+    from shortcut.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.name, args.overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    from shortcut import data as data_lib
+    from shortcut.evaluate import default_reference_path
+    from shortcut.evaluation import InceptionFeatureNet, InceptionWeightsError, compute_reference_stats
+    from shortcut.evaluation.inception_weights import STANDARD
+
+    d, ev = spec.data, spec.eval
+    out = Path(args.out or ev.reference_stats or default_reference_path(spec))
+    try:
+        info = data_lib.check_dataset(d.dataset, split=d.split, data_dir=d.data_dir, image_size=d.image_size)
+        net = InceptionFeatureNet.load(ev.inception_weights, expected_sha256=STANDARD if ev.verify_inception else None)
+    except (data_lib.DatasetNotReadyError, InceptionWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    batches = (b["image"] for b in data_lib.iterate_split(d.dataset, batch_size=args.batch_size, split=d.split,
+                                                         data_dir=d.data_dir, image_size=d.image_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ref = compute_reference_stats(batches, net.features, dataset=d.dataset, split=d.split, feature_net=net.name,
+                                  feature_net_sha256=net.sha256, path=out,
+                                  extra_provenance={"image_size": d.image_size, "num_examples": info.num_examples,
+                                                    "verified_weights": ev.verify_inception})
+    print(f"wrote {out}: {ref.count} images of {d.dataset}/{d.split}, feature net {net.name} {net.sha256[:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

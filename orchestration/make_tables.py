@@ -1,0 +1,428 @@
+"""`make_tables`: results/ (or an MLflow server) -> paper-style tables, a steps plot and a sample figure.
+
+For each dataset (and each metric measured on it), Table 1's layout: one row per method (and model /
+configuration), one column per number of sampling steps (128, 4, 1), our numbers beside the paper's.
+The header names the metric exactly as it was measured (`fd_digits` is the Frechet distance in the
+digits classifier's features, not FID) and its sample count. A cell without a value shows "-", never 0.
+Runs that differ only by seed are aggregated: mean +- std (sample std, n-1) over seeds.
+
+Our value of a run is its evaluation at its last evaluated training step (EMA parameters). Outputs:
+
+    results/tables/table1_<dataset>_<metric>.{md,tex,csv}   the table (CSV in the same layout, "-" = missing)
+    results/tables/table1_<dataset>_<metric>_values.csv     the numbers behind it (mean, std, n, seeds, ...)
+    results/tables/index.md                                 every Markdown table in one file
+    results/figures/steps_<dataset>_<metric>.png            metric vs number of steps, one line per method
+    results/figures/samples_<dataset>.png                   Figure-1 style: same starting noise, one row per
+                                                            method, one column per step count (the first
+                                                            sample of each run's grids, see results.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestration import results as results_lib
+
+MISSING = "-"
+# Row order: Table 1's end-to-end methods, then its two-phase (distillation) methods, then anything else.
+METHOD_ORDER = ["diffusion", "flow_matching", "consistency_training", "live_reflow", "shortcut",
+                "progressive_distillation", "consistency_distillation", "reflow"]
+METHOD_NAMES = {"diffusion": "Diffusion", "flow_matching": "Flow Matching",
+                "consistency_training": "Consistency Training", "live_reflow": "Live Reflow",
+                "shortcut": "Shortcut Models",
+                "progressive_distillation": "Progressive Distillation",
+                "consistency_distillation": "Consistency Distillation", "reflow": "Reflow", "meanflow": "MeanFlow"}
+METRIC_NAMES = {"fid": "FID"}  # every other metric is shown under its own name (e.g. fd_digits)
+METRIC_DESCRIPTIONS = {
+    "fid": "FID: Frechet distance of Inception-v3 pool3 features to the dataset's reference statistics",
+    "fd_digits": "fd_digits: Frechet distance in the hidden features of the project's small digits classifier, "
+                 "to the statistics of the whole digits dataset (offline stand-in; not FID, not comparable to FID)",
+}
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method.replace("_", " ").title())
+
+
+def samples_tag(counts) -> str:
+    def k(n: int) -> str:
+        return f"{n / 1000:g}k" if n >= 1000 else str(n)
+
+    return "/".join(k(int(n)) for n in sorted({int(c) for c in counts}))
+
+
+def metric_tag(metric: str, counts) -> str:
+    """`FID-50k`, `fd_digits-2k`: the metric's name and its sample count(s)."""
+    name = METRIC_NAMES.get(metric, metric)
+    return f"{name}-{samples_tag(counts)}" if len(counts) else name
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def our_values(records: list[dict]) -> pd.DataFrame:
+    """One line per (run, metric, steps): the evaluation at the run's last evaluated training step."""
+    rows = []
+    for rec in records:
+        evals = [e for e in rec.get("evaluation") or [] if isinstance(e.get("value"), (int, float))]
+        if not evals:
+            continue
+        last = max(int(e["train_step"]) for e in evals)
+        for e in evals:
+            if int(e["train_step"]) != last:
+                continue
+            rows.append({"dataset": rec["dataset"], "metric": e["metric"], "method": rec["method"],
+                         "arch": rec["arch"], "config": rec["config_hash"], "name": rec["name"],
+                         "seed": int(rec["seed"]), "spec_hash": rec["spec_hash"], "num_steps": int(e["num_steps"]),
+                         "value": float(e["value"]), "num_samples": int(e["num_samples"]), "train_step": last,
+                         "cfg_scale": e.get("cfg_scale"), "finished": rec.get("finished") or ""})
+    columns = ["dataset", "metric", "method", "arch", "config", "name", "seed", "spec_hash", "num_steps", "value",
+               "num_samples", "train_step", "cfg_scale", "finished"]
+    df = pd.DataFrame(rows, columns=columns)
+    # the same run twice (e.g. two MLflow runs of one spec): keep the latest
+    df = df.sort_values("finished").drop_duplicates(["config", "seed", "metric", "num_steps"], keep="last")
+    return df.reset_index(drop=True)
+
+
+def aggregate(values: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std (n-1; NaN for one seed), n and seeds per (dataset, metric, method, arch, config, steps)."""
+    keys = ["dataset", "metric", "method", "arch", "config", "num_steps"]
+    if values.empty:
+        return pd.DataFrame(columns=keys + ["name", "mean", "std", "n", "seeds", "num_samples"])
+    g = values.groupby(keys, sort=False)
+    out = g.agg(name=("name", "first"), mean=("value", "mean"), std=("value", "std"), n=("value", "size"),
+                seeds=("seed", lambda s: ",".join(str(x) for x in sorted(s))),
+                num_samples=("num_samples", lambda s: samples_tag(s)))
+    return out.reset_index()
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    arch: str
+    label: str
+    ours: dict  # steps -> (mean, std, n) or None
+    paper: dict  # steps -> float or None
+
+
+@dataclasses.dataclass
+class Table:
+    dataset: str
+    metric: str
+    steps: list[int]
+    ours_tag: str
+    paper_tag: str | None  # None: the paper has nothing for this dataset
+    rows: list[Row]
+    notes: list[str]
+    paper_metrics: frozenset = frozenset()
+
+    @property
+    def stem(self) -> str:
+        return f"table1_{self.dataset}_{self.metric}"
+
+    def header(self) -> list[str]:
+        cols = ["Method", "Model"] + [f"{self.ours_tag} {n}-step (ours)" for n in self.steps]
+        if self.paper_tag:
+            cols += [f"{self.paper_tag} {n}-step (paper)" for n in self.steps]
+        return cols
+
+    def cells(self, pm: str = "±") -> list[list[str]]:
+        out = []
+        for r in self.rows:
+            max_n = max((c[2] for c in r.ours.values() if c), default=1)
+            line = [r.label + (f" ({max_n} seeds)" if max_n > 1 else ""), r.arch]
+            for n in self.steps:
+                line.append(format_ours(r.ours.get(n), max_n, pm))
+            if self.paper_tag:
+                line += [MISSING if r.paper.get(n) is None else f"{r.paper[n]:g}" for n in self.steps]
+            out.append(line)
+        return out
+
+
+def format_ours(cell, row_n: int, pm: str = "±") -> str:
+    if cell is None or cell[0] is None or not np.isfinite(cell[0]):
+        return MISSING
+    mean, std, n = cell
+    text = f"{mean:.2f}" if n == 1 or not np.isfinite(std) else f"{mean:.2f} {pm} {std:.2f}"
+    return text + (f" (n={n})" if n != row_n else "")
+
+
+def _sort_key(method: str, arch: str, label: str):
+    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return order, method, arch, label
+
+
+def build_tables(records: list[dict], paper: pd.DataFrame) -> list[Table]:
+    agg = aggregate(our_values(records))
+    paper = paper.copy()
+    datasets = sorted(set(agg["dataset"]) | set(paper["dataset"]))
+    tables = []
+    for ds in datasets:
+        p = paper[paper["dataset"] == ds]
+        ours_metrics = sorted(set(agg.loc[agg["dataset"] == ds, "metric"]))
+        for metric in ours_metrics or sorted(set(p["metric"])):
+            tables.append(_table(ds, metric, agg[(agg["dataset"] == ds) & (agg["metric"] == metric)], p, records))
+    return tables
+
+
+def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list[dict]) -> Table:
+    steps = sorted({int(n) for n in a["num_steps"]} | {int(n) for n in p["num_steps"]}, reverse=True)
+    counts = {int(c) for r in records if r["dataset"] == ds for e in r.get("evaluation") or []
+              if e.get("metric") == metric for c in [e.get("num_samples")] if c}
+    ours_tag = metric_tag(metric, counts)
+    paper_tag = None
+    if len(p):
+        paper_metrics = sorted(set(p["metric"]))
+        paper_tag = " / ".join(metric_tag(m, set(p.loc[p["metric"] == m, "num_samples"].astype(int)))
+                               for m in paper_metrics)
+    rows: dict[tuple, Row] = {}
+    configs = a.groupby(["method", "arch"])["config"].nunique().to_dict() if len(a) else {}
+    for (method, arch, config), g in a.groupby(["method", "arch", "config"], sort=False):
+        label = method_name(method)
+        if configs.get((method, arch), 1) > 1:  # several configurations of one method: say which
+            label += f" [{g['name'].iloc[0]} {config[:6]}]"
+        ours = {int(r.num_steps): (float(r.mean), float(r.std), int(r.n)) for r in g.itertuples()}
+        rows[(method, arch, config)] = Row(method, arch, label, ours, {})
+    for (method, arch), g in p.groupby(["method", "arch"], sort=False):
+        values = {int(r.num_steps): (None if pd.isna(r.value) else float(r.value)) for r in g.itertuples()}
+        matched = [row for key, row in rows.items() if key[:2] == (method, arch)]
+        if not matched:
+            rows[(method, arch, "")] = Row(method, arch, method_name(method), {}, {})
+            matched = [rows[(method, arch, "")]]
+        for row in matched:
+            row.paper = values
+    ordered = sorted(rows.values(), key=lambda r: _sort_key(r.method, r.arch, r.label))
+    notes = [METRIC_DESCRIPTIONS.get(metric, f"{metric}: as recorded by the evaluation") + ".",
+             "Ours: EMA parameters at the last evaluated training step; mean ± std over seeds where a row has "
+             "several (sample std); '-' = no value."]
+    if paper_tag:
+        sources: dict[str, list[str]] = {}
+        for src in p.loc[p["value"].notna(), "source"]:
+            head, _, where = src.partition(", row ")
+            where = where.rsplit(", column ", 1)[0]
+            if where and where not in sources.setdefault(head, []):
+                sources[head].append(where)
+        text = "; ".join(f"{h} (row{'s' if len(w) > 1 else ''} {', '.join(w)})" if w else h for h, w in sources.items())
+        notes.append("Paper: " + (text or "no published value available") +
+                     ". Empty paper cells ('-'): " + (p.loc[p["value"].isna(), "note"].iloc[0]
+                                                    if p["value"].isna().any() else "none") + ".")
+        if set(p["metric"]) != {metric}:
+            notes.append(f"Ours ({ours_tag}) and the paper's ({paper_tag}) are different metrics: "
+                         "the columns are not comparable.")
+        elif ours_tag != paper_tag:
+            notes.append(f"Ours use a different sample count ({ours_tag}) than the paper ({paper_tag}); "
+                         "Frechet distances are biased by sample count.")
+    else:
+        notes.append(f"The paper reports no numbers on {ds}.")
+    return Table(ds, metric, steps, ours_tag, paper_tag, ordered, notes, frozenset(p["metric"]))
+
+
+# -------------------------------------------------------------------------------------- rendering
+
+
+def to_markdown(t: Table) -> str:
+    header = t.header()
+    align = ["---", "---"] + ["---:"] * (len(header) - 2)
+    lines = [f"## {t.dataset}: {t.ours_tag}" + (f" (ours) vs {t.paper_tag} (paper)" if t.paper_tag else ""), "",
+             "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t.cells()]
+    lines += [""] + [f"- {n}" for n in t.notes]
+    return "\n".join(lines) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    out = text.replace("\\", r"\textbackslash{}")
+    for ch in "&%$#_{}":
+        out = out.replace(ch, "\\" + ch)
+    return out.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}")
+
+
+def to_latex(t: Table) -> str:
+    k = len(t.steps)
+    spec = "ll" + "r" * k + ("|" + "r" * k if t.paper_tag else "")
+    group = [" ", " ", rf"\multicolumn{{{k}}}{{c{'|' if t.paper_tag else ''}}}{{Ours: {latex_escape(t.ours_tag)}}}"]
+    if t.paper_tag:
+        group.append(rf"\multicolumn{{{k}}}{{c}}{{Paper: {latex_escape(t.paper_tag)}}}")
+    steps = [f"{n}-step" for n in t.steps] * (2 if t.paper_tag else 1)
+    lines = [f"% {t.dataset}: generated by make_tables; '-' = no value"]
+    lines += [f"% {latex_escape(n.replace('±', '+-'))}" for n in t.notes]
+    lines += [rf"\begin{{tabular}}{{{spec}}}", r"\hline", " & ".join(group) + r" \\",
+              " & ".join(["Method", "Model"] + steps) + r" \\", r"\hline"]
+    for row in t.cells(pm=r"$\pm$"):
+        lines.append(" & ".join(c if "$" in c else latex_escape(c) for c in row) + r" \\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: Table) -> str:
+    return pd.DataFrame(t.cells(), columns=t.header()).to_csv(index=False)
+
+
+def values_frame(t: Table) -> pd.DataFrame:
+    rows = []
+    for r in t.rows:
+        for n in t.steps:
+            c = r.ours.get(n)
+            rows.append({"dataset": t.dataset, "method": r.method, "arch": r.arch, "row": r.label, "num_steps": n,
+                         "ours_metric": t.ours_tag, "ours_mean": c[0] if c else None,
+                         "ours_std": c[1] if c and c[2] > 1 else None, "ours_n": c[2] if c else 0,
+                         "paper_metric": t.paper_tag, "paper": r.paper.get(n)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------- figures
+
+
+def plot_steps(t: Table, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(r.ours for r in t.rows) and not any(v is not None for r in t.rows for v in r.paper.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    comparable = t.paper_metrics == {t.metric}
+    for i, r in enumerate(t.rows):
+        color = f"C{i % 10}"
+        xs = [n for n in t.steps if r.ours.get(n)]
+        if xs:
+            ys = [r.ours[n][0] for n in xs]
+            err = [r.ours[n][1] if r.ours[n][2] > 1 else 0.0 for n in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", color=color, capsize=3,
+                        label=f"{r.label} ({r.arch}), ours: {t.ours_tag}")
+        px = [n for n in t.steps if r.paper.get(n) is not None]
+        if px and comparable:
+            ax.plot(px, [r.paper[n] for n in px], "s--", color=color, alpha=0.7,
+                    label=f"{r.label} ({r.arch}), paper: {t.paper_tag}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(t.steps)
+    ax.set_xticklabels([str(n) for n in t.steps])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(METRIC_NAMES.get(t.metric, t.metric))
+    ax.set_title(f"{t.dataset}: {t.ours_tag} vs number of sampling steps (lower is better)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sample_figure(records: list[dict], dataset: str, path: Path) -> Path | None:
+    """Figure-1 style: one row per method (its run with the lowest seed), one column per step count,
+    each cell the run's first sample, which starts from the same noise for every step count (and for
+    every run with the same seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    chosen: dict[tuple, dict] = {}
+    for rec in records:
+        if rec["dataset"] != dataset or not any(s.get("first_sample") for s in rec.get("samples", {}).values()):
+            continue
+        key = (rec["method"], rec["arch"], rec["config_hash"])
+        if key not in chosen or rec["seed"] < chosen[key]["seed"]:
+            chosen[key] = rec
+    if not chosen:
+        return None
+    runs = sorted(chosen.values(), key=lambda r: _sort_key(r["method"], r["arch"], r["name"]))
+    steps = sorted({int(n) for r in runs for n, s in r["samples"].items() if s.get("first_sample")}, reverse=True)
+    seeds = {r["seed"] for r in runs}
+    labels = {}
+    for r in runs:
+        label = f"{method_name(r['method'])}\n{r['arch']}"
+        if sum(1 for q in runs if (q["method"], q["arch"]) == (r["method"], r["arch"])) > 1:
+            label += f"\n{r['name']}"
+        labels[id(r)] = label + (f"\nseed {r['seed']}" if len(seeds) > 1 else "")
+    fig, axes = plt.subplots(len(runs), len(steps), figsize=(1.6 * len(steps) + 1.4, 1.6 * len(runs) + 0.6),
+                             squeeze=False, dpi=120)
+    for i, r in enumerate(runs):
+        for j, n in enumerate(steps):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            name = (r["samples"].get(str(n)) or {}).get("first_sample")
+            if name and (Path(r["_assets_dir"]) / name).exists():
+                img = np.asarray(Image.open(Path(r["_assets_dir"]) / name))
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+            else:
+                ax.text(0.5, 0.5, MISSING, ha="center", va="center", transform=ax.transAxes)
+            if i == 0:
+                ax.set_title(f"{n} step{'s' if n > 1 else ''}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(labels[id(r)], fontsize=7, rotation=0, ha="right", va="center")
+    note = "same starting noise in every cell" if len(seeds) == 1 else "same noise within a row; rows differ by seed"
+    fig.suptitle(f"{dataset}: first sample of each run ({note})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Path]:
+    written = []
+    tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(records, paper)
+    index = ["# Tables (generated by make_tables; do not edit)", ""]
+    for t in tables:
+        md = to_markdown(t)
+        index.append(md)
+        for suffix, text in ((".md", md), (".tex", to_latex(t)), (".csv", to_csv(t))):
+            (tables_dir / f"{t.stem}{suffix}").write_text(text)
+            written.append(tables_dir / f"{t.stem}{suffix}")
+        values_frame(t).to_csv(tables_dir / f"{t.stem}_values.csv", index=False)
+        written.append(tables_dir / f"{t.stem}_values.csv")
+        plot = plot_steps(t, figures_dir / f"steps_{t.dataset}_{t.metric}.png")
+        if plot:
+            written.append(plot)
+    (tables_dir / "index.md").write_text("\n".join(index))
+    written.append(tables_dir / "index.md")
+    for ds in sorted({r["dataset"] for r in records}):
+        fig = sample_figure(records, ds, figures_dir / f"samples_{ds}.png")
+        if fig:
+            written.append(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make_tables", description="Paper-style tables, a steps plot and a sample "
+                                "figure from results/ (exported runs + the paper's numbers) or an MLflow server.")
+    p.add_argument("--results-dir", help="results folder (default: $SHORTCUT_RESULTS_DIR, else <repo>/results)")
+    p.add_argument("--tracking-uri", help="read finished runs from this MLflow server instead of results/runs/")
+    p.add_argument("--export", nargs="+", metavar="RUN_OR_WORK_DIR",
+                   help="first export the finished runs at or below these directories into results/runs/")
+    p.add_argument("--include-smoke", action="store_true", help="also use --smoke runs (mock data)")
+    p.add_argument("--out", help="where tables/ and figures/ go (default: the results folder)")
+    args = p.parse_args(argv)
+    root = Path(args.results_dir) if args.results_dir else results_lib.default_results_dir()
+    for path in args.export or []:
+        for f in results_lib.export_tree(path, root, include_smoke=args.include_smoke):
+            print(f"exported {f}")
+    if args.tracking_uri:
+        records = results_lib.records_from_mlflow(args.tracking_uri, include_smoke=args.include_smoke)
+    else:
+        records = [r for r in results_lib.load_exports(root) if args.include_smoke or not r.get("smoke")]
+    written = make_all(records, results_lib.load_paper(root), Path(args.out) if args.out else root)
+    print(f"{len(records)} run(s) -> {len(written)} file(s):")
+    for f in written:
+        print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""results/: the paper's published numbers and small exported records of finished runs.
+
+    results/paper/table1.csv        published numbers as data, one line per cell, each with its source
+    results/runs/<spec>/<hash12>.json   one finished run: metric values with provenance (no checkpoints)
+    results/runs/<spec>/<hash12>/steps_<N>.png   its first sample at N steps (for the Figure-1 image)
+    results/tables/, results/figures/   what make_tables writes
+
+A run is exported by `run_experiment` when it finishes (not `--smoke` runs: mock data), or later with
+`make_tables --export RUN_OR_WORK_DIR`. The exported record is what the tables are built from; the
+run directory's run.json stays the full record.
+
+First samples: the sample grids (`samples/steps_<N>.png`) start every step count from the same noise
+(sample i's noise depends only on (eval seed, i)), so the first cell of each grid is the same starting
+noise taken through N steps. The export crops that cell out of the grid (layout of
+`shortcut.images.grid`: ceil(sqrt(n)) columns, 1-pixel padding, nearest upscaling) at the model's
+native resolution. Latent-space runs show the first three latent channels, as their grids do.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = 1
+CONFIG_SECTIONS = ("data", "model", "method", "optimizer", "train")  # the spec hash's sections minus seed
+
+
+def default_results_dir() -> Path:
+    """$SHORTCUT_RESULTS_DIR, else <repo>/results."""
+    return Path(os.environ.get("SHORTCUT_RESULTS_DIR") or REPO_ROOT / "results")
+
+
+def config_hash(spec: dict) -> str:
+    """What is trained, without the seed: runs that differ only by seed share it (and are averaged)."""
+    content = {k: spec.get(k) for k in CONFIG_SECTIONS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def input_hw(spec: dict) -> tuple[int, int]:
+    d = spec["data"]
+    size = d["image_size"]
+    if d.get("latent"):
+        size //= d["latent"]["downsample"]
+    return size, size
+
+
+def first_sample(grid_png: str | Path, spec: dict):
+    """The first cell of a sample grid as a PIL image at native resolution, or None if the grid's layout
+    is not the expected one (see module docstring)."""
+    from PIL import Image
+
+    h, w = input_hw(spec)
+    n, pad = int(spec["eval"]["grid_size"]), 1
+    ncol = math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    gw, gh = ncol * (w + pad) + pad, nrow * (h + pad) + pad
+    with Image.open(grid_png) as img:
+        scale = img.width // gw
+        if scale < 1 or img.width != gw * scale or img.height != gh * scale:
+            return None
+        cell = img.crop((scale * pad, scale * pad, scale * (pad + w), scale * (pad + h)))
+        return cell.resize((w, h), Image.NEAREST)
+
+
+def export_record(record: dict) -> dict:
+    """The small results record of a run record (run.json): metrics with provenance, no checkpoints."""
+    from orchestration.tracking import arch_label
+
+    spec = record["spec"]
+    final = (record.get("train") or {}).get("final") or {}
+    out = {
+        "schema": SCHEMA,
+        "name": record["name"], "spec_hash": record["spec_hash"], "config_hash": config_hash(spec),
+        "method": spec["method"]["name"], "dataset": spec["data"]["dataset"], "seed": spec.get("seed", 0),
+        "arch": arch_label(spec), "smoke": bool(record.get("smoke")), "status": record.get("status"),
+        "git_commit": record.get("git_commit"), "started": record.get("started"),
+        "finished": record.get("finished"), "num_params": record.get("num_params"),
+        "train": {"steps": (record.get("train") or {}).get("steps"),
+                  "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+                  "seconds": (record.get("timings") or {}).get("train_s")},
+        "evaluation": record.get("evaluation") or [],
+        "samples": {n: {k: v for k, v in info.items() if k != "grid"}
+                    for n, info in (record.get("samples") or {}).items()},
+        "spec": spec,
+        "source": {"run_dir": str(record.get("run_dir")), "versions": record.get("versions"),
+                   "devices": record.get("devices"),
+                   "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    if record.get("evaluation_note"):
+        out["evaluation_note"] = record["evaluation_note"]
+    out["_grids"] = {n: info.get("grid") for n, info in (record.get("samples") or {}).items()}
+    return out
+
+
+def write_export(exported: dict, dest: Path, flat: bool = False) -> Path:
+    """Write an exported record. flat: dest/record.json + dest/steps_<N>.png (an MLflow artifact folder);
+    else dest is the JSON path and the first samples go to a folder of the same name beside it."""
+    exported = dict(exported)
+    grids = exported.pop("_grids", {}) or {}
+    json_path = dest / "record.json" if flat else dest
+    assets = dest if flat else dest.with_suffix("")
+    exported["assets"] = "." if flat else assets.name
+    for n, grid in grids.items():
+        image = first_sample(grid, exported["spec"]) if grid and Path(grid).is_file() else None
+        if image is not None:
+            assets.mkdir(parents=True, exist_ok=True)
+            image.save(assets / f"steps_{n}.png")
+            exported["samples"].setdefault(n, {})["first_sample"] = f"steps_{n}.png"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(exported, indent=2, default=str) + "\n")
+    os.replace(tmp, json_path)
+    return json_path
+
+
+def export_run(record: dict | str | Path, results_dir: str | Path | None = None, *,
+               include_smoke: bool = False) -> Path | None:
+    """Export a finished run (a record, or a run directory / run.json path) into results/runs/.
+    Returns the JSON path, or None for runs that are not finished or are --smoke runs."""
+    if not isinstance(record, dict):
+        path = Path(record)
+        record = json.loads((path / "run.json" if path.is_dir() else path).read_text())
+    if record.get("status") != "finished" or (record.get("smoke") and not include_smoke):
+        return None
+    root = Path(results_dir) if results_dir else default_results_dir()
+    dest = root / "runs" / record["name"] / f"{record['spec_hash'][:12]}.json"
+    return write_export(export_record(record), dest)
+
+
+def find_run_records(path: str | Path) -> list[Path]:
+    """run.json of a run directory, or every run.json below a work directory (not the copies the
+    local MLflow server keeps among its artifacts under <workdir>/mlflow/)."""
+    path = Path(path)
+    if (path / "run.json").exists():
+        return [path / "run.json"]
+    return [f for f in sorted(path.rglob("run.json")) if "mlflow" not in f.relative_to(path).parts[:-1]]
+
+
+def export_tree(path: str | Path, results_dir: str | Path | None = None, *, include_smoke: bool = False) -> list[Path]:
+    """Export every finished run.json at or below `path` (a run directory or a work directory)."""
+    out = []
+    for f in find_run_records(path):
+        try:
+            record = json.loads(f.read_text())
+        except ValueError:
+            continue
+        written = export_run(record, results_dir, include_smoke=include_smoke)
+        if written:
+            out.append(written)
+    return out
+
+
+def load_exports(results_dir: str | Path | None = None) -> list[dict]:
+    """Every exported record under results/runs/ (with `_assets_dir` set for their first samples)."""
+    root = (Path(results_dir) if results_dir else default_results_dir()) / "runs"
+    out = []
+    for f in sorted(root.rglob("*.json")):
+        rec = json.loads(f.read_text())
+        if rec.get("schema") != SCHEMA:
+            continue
+        rec["_assets_dir"] = str(f.parent / rec.get("assets", "."))
+        out.append(rec)
+    return out
+
+
+def load_paper(results_dir: str | Path | None = None):
+    """results/paper/*.csv as one DataFrame (empty `value` = a cell the project could not confirm)."""
+    import pandas as pd
+
+    root = (Path(results_dir) if results_dir else default_results_dir()) / "paper"
+    frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))]
+    columns = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "source", "note"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)
+
+
+def records_from_mlflow(tracking_uri: str, *, include_smoke: bool = False) -> list[dict]:
+    """Exported records of the finished runs in the `shortcut-*` experiments of an MLflow server (their
+    `export/` artifacts), downloaded into a cache folder."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e for e in client.search_experiments() if e.name.startswith("shortcut-")
+                   and (include_smoke or not e.name.endswith("-smoke"))]
+    out = []
+    if not experiments:
+        return out
+    cache = Path(tempfile.mkdtemp(prefix="make_tables_mlflow_"))
+    ids = [e.experiment_id for e in experiments]
+    for run in client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=50000):
+        try:
+            local = client.download_artifacts(run.info.run_id, "export", str(cache / run.info.run_id))
+        except Exception:  # noqa: BLE001 - a run without an export (e.g. synced before this version)
+            continue
+        f = Path(local) / "record.json"
+        if f.exists():
+            rec: dict[str, Any] = json.loads(f.read_text())
+            rec["_assets_dir"] = str(f.parent)
+            rec["_mlflow_run_id"] = run.info.run_id
+            out.append(rec)
+    return out

@@ -1,0 +1,688 @@
+"""MLflow tracking: one MLflow run per experiment run, through one tracking server.
+
+Naming
+    experiment  ``shortcut-<dataset>`` (``data.dataset`` of the resolved spec, e.g. ``shortcut-digits``,
+                ``shortcut-celebahq256``); ``--smoke`` runs (mock data) go to ``shortcut-<dataset>-smoke``.
+    run         ``<spec name>-<spec hash[:8]>``; one MLflow run per run directory. Its id is kept in
+                ``<run dir>/mlflow_run.json``, so a resumed run continues the same MLflow run.
+    params      the flattened resolved spec (``model.depth``, ``optimizer.lr``, ...).
+    metrics     ``loss``, ``loss_<group>`` (``loss_flow``, ``loss_bootstrap``), ``grad_norm``, ``lr``,
+                ``steps_per_sec`` at their training step; every evaluation as ``<metric>/<N>_steps``
+                (e.g. ``fd_digits/1_steps``, ``fid/128_steps``) and ``class_accuracy/<N>_steps`` at the
+                training step it was evaluated at; ``num_params``.
+    tags        ``spec_name``, ``spec_hash``, ``method``, ``dataset``, ``seed``, ``arch``, ``smoke``,
+                ``git_commit`` (also ``mlflow.source.git.commit``), ``run_dir``, ``record_status``.
+    artifacts   ``spec.yaml`` (resolved spec), ``run.json`` (the run record), ``evaluation.json`` (every
+                metric value with its provenance), ``samples/steps_<N>.png`` (grids) and ``export/``
+                (the small results record that ``make_tables --tracking-uri`` reads).
+
+The run record (``run.json``) stays the source of truth. Tracking never stops training: a server
+that cannot be reached is reported in one warning line, the run goes on, and at the end the whole
+record is synced (idempotently: points already logged are skipped), or the tracker says it could not
+and how to sync later (``shortcut_tracking sync RUN_DIR``).
+
+The local server (used unless ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names one)
+    ``<workdir>/mlflow/`` holds ``mlflow.db`` (SQLite), ``artifacts/``, ``server.json`` (URI, port, pid),
+    ``server.log``, ``leases/`` and a lock file. The first run that needs it starts ``mlflow server`` on
+    127.0.0.1 on a free port, under a small supervisor process; later and parallel runs reuse it (the
+    lock makes start-or-reuse atomic, so parallel runs never start two). Each process using the
+    server holds a lease file; the supervisor stops the server once no live process holds a lease for
+    ``idle_timeout`` seconds (60 by default), so a killed run cannot leave it running forever. A
+    server started with ``keep`` (``run_experiment --keep-tracking-server`` or
+    ``shortcut_tracking server start``) stays up until ``run_experiment --stop-tracking-server`` or
+    ``shortcut_tracking server stop``. Every writer goes through the server; nothing but the server
+    opens the SQLite file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import requests
+import yaml
+
+RUN_ID_FILE = "mlflow_run.json"
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 120.0
+TRAIN_KEYS_SKIPPED = ("step",)
+_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+_MAX_PARAM_LENGTH = 6000
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ naming
+
+
+def experiment_name(record: dict) -> str:
+    """``shortcut-<dataset>``, with ``-smoke`` for mock-data runs (see module docstring)."""
+    dataset = record["spec"]["data"]["dataset"]
+    return f"shortcut-{dataset}" + ("-smoke" if record.get("smoke") else "")
+
+
+def arch_label(spec: dict) -> str:
+    """``DiT-B/2``-style name of the model in a resolved spec."""
+    m = spec["model"]
+    size = m.get("size")
+    body = size if size else f"h{m.get('hidden_size')}-d{m.get('depth')}"
+    return f"DiT-{body}/{m.get('patch_size', 2)}"
+
+
+def run_tags(record: dict) -> dict[str, str]:
+    spec = record["spec"]
+    tags = {
+        "mlflow.runName": f"{record['name']}-{record['spec_hash'][:8]}",
+        "spec_name": record["name"], "spec_hash": record["spec_hash"], "method": spec["method"]["name"],
+        "dataset": spec["data"]["dataset"], "seed": str(spec.get("seed", 0)), "arch": arch_label(spec),
+        "smoke": str(bool(record.get("smoke"))).lower(), "run_dir": str(Path(record["run_dir"]).resolve()),
+        "record_status": str(record.get("status", "")),
+    }
+    if record.get("git_commit"):
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = str(record["git_commit"])
+    if record.get("resumed_from") is not None:
+        tags["resumed_from"] = str(record["resumed_from"])
+    return tags
+
+
+def run_params(record: dict) -> dict[str, str]:
+    from shortcut.spec import flatten
+
+    return {k: _param_value(v) for k, v in flatten(record["spec"]).items()}
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:_MAX_PARAM_LENGTH]
+
+
+def train_points(metrics: dict) -> list[tuple[str, float, int]]:
+    """(key, value, step) for one training log line (finite numbers only)."""
+    step = int(metrics["step"])
+    return [(k, float(v), step) for k, v in metrics.items()
+            if k not in TRAIN_KEYS_SKIPPED and isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def evaluation_points(entries: Iterable[dict]) -> list[tuple[str, float, int]]:
+    """(``<metric>/<N>_steps``, value, train_step) for evaluation entries, plus class accuracy."""
+    out = []
+    for e in entries:
+        n, step = int(e["num_steps"]), int(e["train_step"])
+        if isinstance(e.get("value"), (int, float)) and math.isfinite(e["value"]):
+            out.append((f"{e['metric']}/{n}_steps", float(e["value"]), step))
+        if isinstance(e.get("class_accuracy"), (int, float)):
+            out.append((f"class_accuracy/{n}_steps", float(e["class_accuracy"]), step))
+    return out
+
+
+# ------------------------------------------------------------------------------------ local server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(uri: str, timeout: float = 2.0) -> bool:
+    """True if an MLflow server answers /health at ``uri`` (http(s) URIs only)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class LocalServer:
+    """The framework's own MLflow server for one work directory (see module docstring).
+
+    ``acquire()`` starts it or reuses a live one and takes a lease; ``release()`` drops the lease (the
+    supervisor stops the server once no live lease is left for ``idle_timeout`` seconds, unless kept);
+    ``stop()`` stops it now.
+    """
+
+    def __init__(self, state_dir: str | Path, *, idle_timeout: float | None = None, log: Callable = _stderr):
+        self.dir = Path(state_dir).resolve()
+        env_idle = os.environ.get("SHORTCUT_TRACKING_IDLE_S")
+        self.idle_timeout = idle_timeout if idle_timeout is not None else float(env_idle or DEFAULT_IDLE_TIMEOUT_S)
+        self.log = log
+        self.lease: Path | None = None
+
+    @classmethod
+    def for_workdir(cls, workdir: str | Path, **kwargs) -> "LocalServer":
+        return cls(Path(workdir) / "mlflow", **kwargs)
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "server.json"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def state(self) -> dict | None:
+        """The server.json of a live, healthy server, else None."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if _pid_alive(int(state["pid"])) and healthy(state["uri"]):
+            return state
+        return None
+
+    def acquire(self, *, keep: bool = False, port: int | None = None) -> str:
+        """Start (or reuse) the server, take a lease; returns its URI."""
+        with self._locked():
+            state = self.state()
+            if state is None:
+                state = self._start(port)
+            if keep and not state.get("keep"):
+                state["keep"] = True
+                _write_json(self.state_file, state)
+            if self.lease is None or not self.lease.exists():
+                (self.dir / "leases").mkdir(exist_ok=True)
+                self.lease = self.dir / "leases" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.lease.touch()
+            return state["uri"]
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.unlink(missing_ok=True)
+            self.lease = None
+
+    def _start(self, port: int | None) -> dict:
+        leases = self.dir / "leases"
+        leases.mkdir(exist_ok=True)
+        for lease in leases.iterdir():  # leases of processes that are gone
+            if not _pid_alive(int(lease.name.split("-")[0])):
+                lease.unlink(missing_ok=True)
+        port = port or self._previous_port() or free_port()
+        uri = f"http://127.0.0.1:{port}"
+        # the lease that keeps the new server from idling out before acquire() records its own
+        starting = leases / f"{os.getpid()}-starting"
+        starting.touch()
+        log_file = open(self.dir / "server.log", "ab")
+        cmd = [sys.executable, "-m", "orchestration.tracking", "_supervise", "--state-dir", str(self.dir),
+               "--port", str(port), "--idle-timeout", str(self.idle_timeout)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+        log_file.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while not healthy(uri, timeout=1.0):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the MLflow server exited (code {proc.returncode}) before answering; "
+                                       f"see {self.dir / 'server.log'}")
+                if time.monotonic() > deadline:
+                    _kill_group(proc.pid)
+                    raise RuntimeError(f"the MLflow server did not answer within {START_TIMEOUT_S:.0f}s; "
+                                       f"see {self.dir / 'server.log'}")
+                time.sleep(0.25)
+        finally:
+            starting.unlink(missing_ok=True)
+        state = {"uri": uri, "port": port, "pid": proc.pid, "started": time.time(), "keep": False,
+                 "backend_store_uri": f"sqlite:///{self.dir / 'mlflow.db'}",
+                 "artifacts_destination": str(self.dir / "artifacts"), "idle_timeout_s": self.idle_timeout}
+        _write_json(self.state_file, state)
+        (self.dir / "last_port").write_text(str(port))
+        self.log(f"tracking: started an MLflow server at {uri} (store {self.dir}; it stops "
+                 f"{self.idle_timeout:.0f}s after the last run using it ends)")
+        return state
+
+    def _previous_port(self) -> int | None:
+        """The port this store's server last used, if it is free: a restarted server keeps its URI."""
+        try:
+            port = int(json.loads((self.dir / "last_port").read_text()))
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port))
+            return port
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> bool:
+        """Stop the server now (whoever started it); True if one was running."""
+        with self._locked():
+            try:
+                state = json.loads(self.state_file.read_text())
+            except (OSError, ValueError):
+                return False
+            pid = int(state["pid"])
+            running = _pid_alive(pid)
+            if running:
+                _kill_group(pid)
+            self.state_file.unlink(missing_ok=True)
+            return running
+
+
+def _kill_group(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the process group led by `pid` (a supervisor we started), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
+    """Run ``mlflow server`` on 127.0.0.1:port and stop it when no live lease is left (or on SIGTERM)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
+           "--artifacts-destination", str(state_dir / "artifacts")]
+    # No job-execution runner (GenAI jobs, unused here): fewer processes, and nothing but the server's
+    # own worker touches the SQLite file.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
+    idle_since = None
+    while not stopping and child.poll() is None:
+        time.sleep(1.0)
+        leases = [p for p in (state_dir / "leases").glob("*") if _pid_alive(int(p.name.split("-")[0]))]
+        try:
+            keep = json.loads((state_dir / "server.json").read_text()).get("keep", False)
+        except (OSError, ValueError):
+            keep = False
+        if leases or keep:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > idle_timeout:
+            print(f"tracking supervisor: no run has used the server for {idle_timeout:.0f}s; stopping",
+                  flush=True)
+            break
+    if child.poll() is None:
+        child.terminate()  # the mlflow CLI forwards SIGTERM to its uvicorn process
+        try:
+            child.wait(15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    for pid in _group_members(os.getpgid(0)):  # anything the server left behind in our process group
+        if pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads((state_dir / "server.json").read_text()).get("pid") == os.getpid():
+            (state_dir / "server.json").unlink()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- tracker
+
+
+class Tracker:
+    """Logs one experiment run into MLflow; every method is safe to call and never raises.
+
+    ``start(record)`` at the start (creates or resumes the MLflow run, logs params, tags, spec),
+    ``log_metrics(metrics)`` for each training log line (the dict ``train(on_log=...)`` passes),
+    ``log_evaluation(entries)`` for evaluation entries, ``end(record)`` with the final record (syncs
+    everything in it, uploads artifacts, sets the run status), ``close()`` drops the server lease.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, *, server: LocalServer | None = None,
+                 keep_server: bool = False, log: Callable[[str], None] = _stderr):
+        if (tracking_uri is None) == (server is None):
+            raise ValueError("give exactly one of tracking_uri and server")
+        self.uri, self.server, self.keep_server, self._say = tracking_uri, server, keep_server, log
+        self.run_id: str | None = None
+        self.offline = False
+        self._warned = False
+        self._client = None
+
+    @classmethod
+    def for_workdir(cls, workdir: str | Path, **kwargs) -> "Tracker":
+        """A tracker that uses (starting if needed) the local server of `workdir`."""
+        return cls(server=LocalServer.for_workdir(workdir), **kwargs)
+
+    # -- hooks called by shortcut.run.run
+
+    def fork(self) -> "Tracker":
+        """A new tracker with the same destination, for another run (e.g. a teacher stage trained inside
+        a run): one Tracker follows one run at a time."""
+        if self.server is not None:
+            return Tracker(server=LocalServer(self.server.dir, idle_timeout=self.server.idle_timeout,
+                                              log=self.server.log), keep_server=self.keep_server, log=self._say)
+        return Tracker(self.uri, log=self._say)
+
+    def start(self, record: dict) -> None:
+        self.run_id, self.offline, self._warned = None, False, False  # a tracker may follow runs one after another
+        try:
+            if self.server is not None:  # start or reuse the local server, and hold a lease while the run lasts
+                self.uri, self._client = self.server.acquire(keep=self.keep_server), None
+            if not healthy(self.uri):
+                raise ConnectionError("no answer from /health")
+            self.run_id = ensure_run(self.client, record)
+            self._say(f"tracking: MLflow run {self.run_id} in experiment {experiment_name(record)} at {self.uri}")
+        except Exception as e:  # noqa: BLE001 - tracking must never stop a run
+            self._go_offline(e)
+
+    def log_metrics(self, metrics: dict) -> None:
+        """The `on_log` hook: one training log line."""
+        self._live(train_points(metrics))
+
+    def log_evaluation(self, entries: list[dict]) -> None:
+        self._live(evaluation_points(entries))
+
+    def end(self, record: dict) -> None:
+        try:
+            self._end(record)
+        except Exception as e:  # noqa: BLE001
+            self._say(f"tracking: warning: could not sync the run record to MLflow ({type(e).__name__}: {e}); "
+                     f"run.json is complete; sync later with `shortcut_tracking sync {record.get('run_dir')}`")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.release()
+
+    # -- internals
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def _go_offline(self, error: BaseException) -> None:
+        self.offline = True
+        if not self._warned:
+            self._warned = True
+            self._say(f"tracking: warning: MLflow at {self.uri or '(local server)'} unavailable "
+                     f"({type(error).__name__}: {str(error)[:200]}); the run continues, run.json is the record, "
+                     "and the tracker syncs it at the end if the server is back")
+
+    def _live(self, points: list[tuple[str, float, int]]) -> None:
+        if self.offline or self.run_id is None or not points:
+            return
+        try:
+            if self.uri.startswith(("http://", "https://")):
+                # plain REST with a short timeout and no retries: a dead server costs one failed request
+                now = int(time.time() * 1000)
+                body = {"run_id": self.run_id,
+                        "metrics": [{"key": k, "value": v, "step": s, "timestamp": now} for k, v, s in points]}
+                r = requests.post(f"{self.uri.rstrip('/')}/api/2.0/mlflow/runs/log-batch", json=body, timeout=10)
+                r.raise_for_status()
+            else:
+                _log_points(self.client, self.run_id, points)
+        except Exception as e:  # noqa: BLE001
+            self._go_offline(e)
+
+    def _end(self, record: dict) -> None:
+        if self.server is not None and (self.uri is None or not healthy(self.uri)):
+            self.server.release()  # our own server died or never started: start (or find) it again
+            self.uri, self._client = self.server.acquire(keep=self.keep_server), None
+        if not healthy(self.uri):
+            self._say(f"tracking: warning: MLflow at {self.uri} still unavailable; not synced. run.json is complete; "
+                     f"sync later with `shortcut_tracking sync {record['run_dir']}`")
+            return
+        self.run_id = sync_record(self.client, record)
+        if self.offline:
+            self._say(f"tracking: the server is back; synced the whole run record into MLflow run {self.run_id}")
+
+
+def make_tracker(*, workdir: str | Path, tracking_uri: str | None = None, enabled: bool = True,
+                 keep_server: bool = False, log: Callable[[str], None] = _stderr) -> Tracker | None:
+    """The CLI's tracker: `tracking_uri`, else $MLFLOW_TRACKING_URI, else the local server of `workdir`.
+    None when disabled (`--no-tracking`, or $SHORTCUT_TRACKING=off)."""
+    if not enabled or os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no"):
+        return None
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return Tracker(uri, log=log)
+    return Tracker(server=LocalServer.for_workdir(workdir, log=log), keep_server=keep_server, log=log)
+
+
+# ------------------------------------------------------------------------------------ sync / client
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, tags={"created_by": "shortcut-models orchestration.tracking"})
+    except Exception:  # noqa: BLE001 - another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def ensure_run(client, record: dict) -> str:
+    """The MLflow run of this run directory: the one recorded in mlflow_run.json if the server knows it,
+    else one found by its tags (spec hash + run dir), else a new one. Logs params and tags, marks it
+    RUNNING, uploads the resolved spec, and records its id in the run directory."""
+    from mlflow.entities import Param, RunTag
+
+    rundir = Path(record["run_dir"])
+    exp_id = get_or_create_experiment(client, experiment_name(record))
+    _forget_artifact_repos()
+    tags = run_tags(record)
+    run = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        known = json.loads((rundir / RUN_ID_FILE).read_text())["run_id"]
+        with contextlib.suppress(Exception):
+            run = client.get_run(known)
+            if run.info.experiment_id != exp_id or run.info.lifecycle_stage != "active":
+                run = None
+    if run is None:  # e.g. a run directory copied from elsewhere, or mlflow_run.json lost
+        found = []
+        with contextlib.suppress(Exception):
+            found = client.search_runs([exp_id], filter_string=f"tags.spec_hash = '{record['spec_hash']}' and "
+                                       f"tags.run_dir = '{tags['run_dir']}'", max_results=1)
+        run = found[0] if found else client.create_run(exp_id, run_name=tags["mlflow.runName"])
+    run_id = run.info.run_id
+    if run.info.status != "RUNNING" and record.get("status") == "running":
+        client.update_run(run_id, status="RUNNING")
+    existing = dict(run.data.params)
+    params = run_params(record)
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i:i + 100])
+    tags.update({f"param_changed.{k}": v[:5000] for k, v in changed.items()})  # params are immutable in MLflow
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(record["spec"], sort_keys=False))
+        client.log_artifact(run_id, str(spec_file))
+    _write_json(rundir / RUN_ID_FILE, {"run_id": run_id, "experiment_id": exp_id,
+                                       "experiment": experiment_name(record), "tracking_uri": client.tracking_uri})
+    return run_id
+
+
+def _forget_artifact_repos() -> None:
+    """MLflow caches artifact repositories per run id for the whole process, with the server address
+    they were first resolved against; a server that came back on another address would then be
+    missed. Drop the cache (best effort: it is MLflow-internal)."""
+    with contextlib.suppress(Exception):
+        from mlflow.tracking._tracking_service import utils as _utils
+
+        _utils._artifact_repos_cache.clear()
+
+
+def _log_points(client, run_id: str, points: list[tuple[str, float, int]], skip_existing: bool = False) -> int:
+    from mlflow.entities import Metric
+
+    if skip_existing:
+        existing = {k: {(m.step, m.value) for m in client.get_metric_history(run_id, k)}
+                    for k in {k for k, _, _ in points}}
+        points = [(k, v, s) for k, v, s in points if not any(step == s and math.isclose(val, v, rel_tol=1e-9,
+                                                                                        abs_tol=1e-12)
+                                                             for step, val in existing[k])]
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, s) for k, v, s in points]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    return len(metrics)
+
+
+def record_points(record: dict) -> list[tuple[str, float, int]]:
+    points = []
+    for m in ((record.get("train") or {}).get("history") or []):
+        points += train_points(m)
+    points += evaluation_points(record.get("evaluation") or [])
+    if record.get("num_params"):
+        points.append(("num_params", float(record["num_params"]), 0))
+    return points
+
+
+def sync_record(client, record: dict) -> str:
+    """Log a run record (run.json) into MLflow: create or continue its run, add the metric points not
+    yet there, upload artifacts, set the final status. Idempotent."""
+    run_id = ensure_run(client, record)
+    _log_points(client, run_id, record_points(record), skip_existing=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        client.log_artifact(run_id, str(tmp / "run.json"))
+        if record.get("evaluation"):
+            (tmp / "evaluation.json").write_text(json.dumps(record["evaluation"], indent=2, default=str))
+            client.log_artifact(run_id, str(tmp / "evaluation.json"))
+        for info in (record.get("samples") or {}).values():
+            grid = Path(info.get("grid", ""))
+            if grid.is_file():
+                client.log_artifact(run_id, str(grid), "samples")
+        if record.get("status") == "finished":
+            from orchestration.results import export_record, write_export
+
+            export_dir = tmp / "export"
+            write_export(export_record(record), export_dir, flat=True)
+            client.log_artifacts(run_id, str(export_dir), "export")
+    status = _STATUS.get(record.get("status", ""))
+    if status:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def sync(run_dir: str | Path, tracking_uri: str) -> str:
+    """Log a finished (or failed) run directory's run.json into the MLflow server at `tracking_uri`."""
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((Path(run_dir) / "run.json").read_text())
+    return sync_record(MlflowClient(tracking_uri), record)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="shortcut_tracking", description="The framework's MLflow tracking server "
+                                "and after-the-fact syncing of run records.")
+    sub = p.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("server", help="start / stop / show the local tracking server of a work directory")
+    srv.add_argument("action", choices=["start", "stop", "status"])
+    srv.add_argument("--workdir", default="runs", help="work directory (default: runs/)")
+    syn = sub.add_parser("sync", help="log run directories' run.json into MLflow (idempotent)")
+    syn.add_argument("run_dirs", nargs="+", help="run directories (or work directories: every run.json below)")
+    syn.add_argument("--tracking-uri", help="server URI (default: $MLFLOW_TRACKING_URI, else the local server "
+                                           "of --workdir)")
+    syn.add_argument("--workdir", default="runs")
+    sup = sub.add_parser("_supervise", help=argparse.SUPPRESS)
+    sup.add_argument("--state-dir", required=True)
+    sup.add_argument("--port", type=int, required=True)
+    sup.add_argument("--idle-timeout", type=float, required=True)
+    args = p.parse_args(argv)
+
+    if args.command == "_supervise":
+        return _supervise(Path(args.state_dir), args.port, args.idle_timeout)
+    if args.command == "server":
+        server = LocalServer.for_workdir(args.workdir, log=print)
+        if args.action == "start":
+            uri = server.acquire(keep=True)
+            server.release()
+            print(f"MLflow server at {uri} (kept until `shortcut_tracking server stop --workdir {args.workdir}`)")
+        elif args.action == "stop":
+            print("stopped" if server.stop() else "no server was running")
+        else:
+            state = server.state()
+            print(json.dumps(state, indent=2) if state else "no server running")
+        return 0
+    server = None
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        server = LocalServer.for_workdir(args.workdir, log=print)
+        uri = server.acquire()
+    try:
+        failed = 0
+        from orchestration.results import find_run_records
+
+        for path in args.run_dirs:
+            for f in find_run_records(path):
+                try:
+                    print(f"{f.parent}: MLflow run {sync(f.parent, uri)}")
+                except Exception as e:  # noqa: BLE001
+                    failed += 1
+                    print(f"{f.parent}: not synced: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1 if failed else 0
+    finally:
+        if server is not None:
+            server.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

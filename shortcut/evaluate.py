@@ -1,0 +1,137 @@
+"""Evaluation at each sampling step count: the Frechet distance of generated samples to reference
+statistics, streamed and resumable, with everything the number depends on recorded beside it.
+
+Metrics (spec `eval.metric`):
+  fd_digits  Frechet distance in the feature space of the shipped digits classifier, against the
+             whole digits dataset (offline, for the embedded default; not FID). Class-conditional
+             runs also report the classifier's accuracy on the samples' intended classes.
+  fid        FID with the standard FID Inception-v3 (pool3), reference statistics from `fid_stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from shortcut.images import save_grid
+from shortcut.sampling import sample_range
+from shortcut.spec import Spec
+
+
+class EvaluationSetupError(RuntimeError):
+    """Something the metric needs is missing; the message says what and how to provide it."""
+
+
+@dataclasses.dataclass
+class Metric:
+    name: str
+    net: Any  # features(images) -> [N, D], name, sha256, provenance()
+    reference: Any  # evaluation.ReferenceStats
+    reference_sha256: str
+    classifier: Any = None  # for class accuracy of class-conditional digits samples
+    note: str = ""
+
+
+def default_reference_path(spec: Spec) -> Path:
+    from shortcut.evaluation.inception_weights import default_weights_dir
+
+    d = spec.data
+    return default_weights_dir() / "fid_stats" / f"{d.dataset}_{d.split.replace('/', '-')}_{d.image_size}.npz"
+
+
+def load_metric(spec: Spec) -> Metric | None:
+    """The spec's metric, ready to use; raises EvaluationSetupError/InceptionWeightsError when its
+    weights or reference statistics are missing (before any training)."""
+    ev = spec.eval
+    if ev.metric == "none":
+        return None
+    if ev.metric == "fd_digits":
+        from shortcut.evaluation import DigitsFeatureNet
+
+        net = DigitsFeatureNet.load()
+        ref = net.reference_stats()
+        digest = hashlib.sha256(np.ascontiguousarray(ref.mu).tobytes() + np.ascontiguousarray(ref.sigma).tobytes())
+        return Metric("fd_digits", net, ref, digest.hexdigest(), classifier=net if spec.data.num_classes else None)
+
+    from shortcut.evaluation import InceptionFeatureNet, ReferenceStats
+    from shortcut.evaluation.inception_weights import STANDARD
+
+    net = InceptionFeatureNet.load(ev.inception_weights, expected_sha256=STANDARD if ev.verify_inception else None)
+    path = Path(ev.reference_stats) if ev.reference_stats else default_reference_path(spec)
+    if not path.exists():
+        raise EvaluationSetupError(
+            f"FID reference statistics not found: {path}. Compute them once over the whole dataset with\n"
+            f"    fid_stats {spec.name}\n(or set eval.reference_stats to an existing file).")
+    ref = ReferenceStats.load(path)
+    ref.check_feature_net(net.name, net.sha256)
+    note = "" if ev.verify_inception else ("pipeline test: Inception weights not verified as the standard FID "
+                                           "weights, so this is not an FID score")
+    return Metric("fid", net, ref, ref.file_sha256, note=note)
+
+
+class _Accuracy:
+    def __init__(self, classifier):
+        self.classifier, self.correct, self.count = classifier, 0, 0
+
+    def update(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if self.classifier is not None:
+            pred = np.argmax(np.asarray(self.classifier.logits(images)), axis=-1)
+            self.correct += int(np.sum(pred == labels))
+            self.count += len(labels)
+
+
+def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, objective, train_step: int,
+             rundir: Path, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Sample at each of `eval.steps`, save a grid per step count and, with a metric, compute it.
+
+    Returns (evaluation entries, {N: sample info}). Partial feature statistics are checkpointed
+    under rundir/eval/, so a killed evaluation continues where it stopped.
+    """
+    from shortcut.evaluation import compute_fid
+
+    ev = spec.eval
+    common = dict(shape=spec.input_shape, num_classes=spec.data.num_classes, cfg_scale=ev.cfg_scale,
+                  seed=spec.seed + 1)
+    entries, samples = [], {}
+    for n in ev.steps:
+        t0 = time.perf_counter()
+        grid_images, _ = sample_range(sampler, params, 0, ev.grid_size, num_steps=n, **common)
+        grid = save_grid(grid_images, rundir / "samples" / f"steps_{n}.png")
+        samples[str(n)] = {"grid": str(grid), "network_evaluations": objective.network_evaluations(n, ev.cfg_scale)}
+        if metric is None:
+            continue
+        accuracy = _Accuracy(metric.classifier)
+
+        def batches(start: int, count: int) -> np.ndarray:
+            images, labels = sample_range(sampler, params, start, ev.batch_size, num_steps=n, **common)
+            accuracy.update(images[:count], labels[:count])
+            return images[:count]
+
+        result = compute_fid(
+            batches, ev.num_samples, ev.batch_size, metric.reference, metric.net,
+            checkpoint_path=rundir / "eval" / f"{metric.name}_step{train_step}_{n}steps.npz",
+            fingerprint=f"{spec.hash()}:{train_step}:{n}:{ev.cfg_scale}:{spec.seed + 1}:ema",
+            progress=sys.stderr.isatty() and not os.environ.get("CI"))
+        entry = {
+            "train_step": train_step, "num_steps": n, "metric": metric.name, "value": result.value,
+            "num_samples": ev.num_samples, "cfg_scale": ev.cfg_scale, "seed": spec.seed + 1, "params": "ema",
+            "network_evaluations": objective.network_evaluations(n, ev.cfg_scale),
+            **metric.net.provenance(), "reference_stats_sha256": metric.reference_sha256,
+            "reference_provenance": metric.reference.provenance, "seconds": time.perf_counter() - t0,
+        }
+        if accuracy.count:
+            entry.update(class_accuracy=accuracy.correct / accuracy.count, class_accuracy_samples=accuracy.count)
+        if metric.note:
+            entry["note"] = metric.note
+        entries.append(entry)
+        extra = f", class accuracy {entry['class_accuracy']:.3f}" if accuracy.count else ""
+        log(f"step {train_step}: {metric.name} at {n} step(s) = {result.value:.3f} "
+            f"({ev.num_samples} samples, {entry['seconds']:.1f}s{extra})")
+    return entries, samples

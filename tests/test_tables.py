@@ -1,0 +1,151 @@
+"""results/ export and make_tables: cells against hand-computed values, missing cells, seeds, LaTeX."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from orchestration import make_tables
+from orchestration.results import export_run, export_tree, first_sample, load_exports, load_paper
+from tracking_fixtures import first_image, make_record, make_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def results(tmp_path):
+    """A results folder with the repository's paper numbers and a set of synthetic finished runs."""
+    root = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "paper", root / "paper")
+    work = tmp_path / "runs"
+    # digits: shortcut with three seeds, flow matching with one seed and no 1-step value
+    for seed, vals in ((0, {128: 1.0, 4: 2.0, 1: 4.0}), (1, {128: 2.0, 4: 3.0, 1: 6.0}), (2, {128: 3.0, 4: 4.0})):
+        make_record(work, make_spec("digits_shortcut", "shortcut", "digits", seed=seed), vals,
+                    extra_evals=[{"train_step": 50, "num_steps": 1, "metric": "fd_digits", "value": 99.0,
+                                  "num_samples": 2000}])  # an earlier evaluation: must not be used
+    make_record(work, make_spec("digits_flow", "flow_matching", "digits"), {128: 3.25, 4: 7.5})
+    # runs that must not be exported: unfinished, smoke
+    make_record(work, make_spec("digits_failed", "shortcut", "digits", lr=5e-3), {128: 0.0}, status="failed")
+    make_record(work, make_spec("digits_smoke", "shortcut", "digits", lr=7e-3), {128: 0.0}, smoke=True)
+    # celebahq256: our shortcut FID (a smaller sample count than the paper's)
+    make_record(work, make_spec("celeba_ditb_shortcut", "shortcut", "celebahq256", size="B", metric="fid",
+                                num_samples=10000), {128: 7.123, 4: 14.5, 1: 21.0})
+    exported = export_tree(work, root)
+    assert len(exported) == 5
+    return root
+
+
+def _md_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| ---") and not line.startswith("| Method"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_tables_match_hand_computed_cells(results, tmp_path):
+    assert make_tables.main(["--results-dir", str(results)]) == 0
+    tables = results / "tables"
+    md = (tables / "table1_digits_fd_digits.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    # the metric is named as measured, with its sample count; it is not called FID
+    assert "fd_digits-2k 128-step (ours)" in header and "FID" not in header
+    assert "(paper)" not in header  # the paper has nothing on digits
+    rows = _md_rows(md)
+    # seeds 0, 1, 2: 128 steps {1, 2, 3} -> 2.00 +- 1.00; 4 steps {2, 3, 4} -> 3.00 +- 1.00;
+    # 1 step only seeds 0, 1 {4, 6} -> 5.00 +- 1.41 (n=2), the step-50 value 99 is ignored
+    assert rows["Shortcut Models (3 seeds)"] == ["DiT-tiny/2", "2.00 ± 1.00", "3.00 ± 1.00", "5.00 ± 1.41 (n=2)"]
+    assert rows["Flow Matching"] == ["DiT-tiny/2", "3.25", "7.50", "-"]  # missing, never 0
+    assert "0.00" not in md  # the failed and smoke runs were not exported
+
+    csv = pd.read_csv(tables / "table1_digits_fd_digits.csv", keep_default_na=False)
+    flow = csv[csv["Method"] == "Flow Matching"].iloc[0]
+    assert flow["fd_digits-2k 1-step (ours)"] == "-"
+    values = pd.read_csv(tables / "table1_digits_fd_digits_values.csv")
+    sc1 = values[(values["method"] == "shortcut") & (values["num_steps"] == 1)].iloc[0]
+    assert sc1["ours_mean"] == pytest.approx(5.0) and sc1["ours_std"] == pytest.approx(np.std([4, 6], ddof=1))
+    assert sc1["ours_n"] == 2
+
+    celeba = _md_rows((tables / "table1_celebahq256_fid.md").read_text())
+    ours = celeba["Shortcut Models"]
+    assert ours[0] == "DiT-B/2"
+    assert ours[1:4] == ["7.12", "14.50", "21.00"]
+    assert ours[4:] == ["6.9", "13.8", "20.5"]  # official README sanity table, beside ours
+    assert celeba["Consistency Training"] == ["DiT-B/2"] + ["-"] * 6  # unconfirmed Table 1 cells stay empty
+    celeba_md = (tables / "table1_celebahq256_fid.md").read_text()
+    assert "FID-10k 128-step (ours)" in celeba_md and "FID-50k 128-step (paper)" in celeba_md
+    assert "different sample count" in celeba_md
+    # ImageNet: no runs, the paper's rows still form the table (DiT-B and DiT-XL shortcut rows)
+    imagenet = (tables / "table1_imagenet256_fid.md").read_text()
+    assert "| Shortcut Models | DiT-XL/2 | - | - | - | 3.8 | 7.8 | 10.6 |" in imagenet
+
+    for name in ("steps_digits_fd_digits.png", "steps_celebahq256_fid.png", "samples_digits.png",
+                 "samples_celebahq256.png"):
+        with Image.open(results / "figures" / name) as img:
+            assert img.width > 100 and img.height > 100
+
+
+def _tabular(text: str) -> tuple[str, list[str]]:
+    m = re.search(r"\\begin\{tabular\}\{([^}]*)\}\n(.*?)\\end\{tabular\}", text, re.S)
+    assert m, "no tabular environment"
+    assert text.count(r"\begin{tabular}") == text.count(r"\end{tabular}") == 1
+    rows = [r.strip() for r in m.group(2).split(r"\\") if r.strip() and r.strip() != r"\hline"]
+    return m.group(1), [r.replace(r"\hline", "").strip() for r in rows]
+
+
+def test_latex_is_a_well_formed_tabular(results):
+    make_tables.main(["--results-dir", str(results)])
+    for tex in (results / "tables").glob("*.tex"):
+        text = tex.read_text()
+        colspec, rows = _tabular(text)
+        ncols = len(re.sub(r"[^lrc]", "", colspec))
+        assert rows
+        for row in rows:
+            cells = re.split(r"(?<!\\)&", row)
+            width = sum(int(m.group(1)) if (m := re.match(r"\s*\\multicolumn\{(\d+)\}", c)) else 1 for c in cells)
+            assert width == ncols, (tex.name, row)
+            # braces balance and no unescaped specials outside math
+            assert row.count("{") == row.count("}")
+            assert not re.search(r"(?<!\\)[_%#]", re.sub(r"\$[^$]*\$", "", row)), row
+    digits = (results / "tables" / "table1_digits_fd_digits.tex").read_text()
+    assert r"fd\_digits-2k" in digits and r"2.00 $\pm$ 1.00" in digits
+
+
+def test_export_crops_the_first_sample_and_skips_unfinished(tmp_path):
+    spec = make_spec("digits_shortcut", "shortcut", "digits", grid_size=10)
+    record = make_record(tmp_path / "runs", spec, {128: 1.0})
+    for n in (128, 4, 1):
+        cell = np.asarray(first_sample(record["samples"][str(n)]["grid"], spec))
+        expected = np.round((np.clip(first_image(n, 8, 1), -1, 1) + 1) * 127.5).astype(np.uint8)[..., 0]
+        np.testing.assert_array_equal(cell, expected)
+    path = export_run(record, tmp_path / "results")
+    assert path == tmp_path / "results" / "runs" / "digits_shortcut" / f"{record['spec_hash'][:12]}.json"
+    (loaded,) = load_exports(tmp_path / "results")
+    assert loaded["samples"]["4"]["first_sample"] == "steps_4.png"
+    assert (Path(loaded["_assets_dir"]) / "steps_4.png").exists()
+    assert loaded["evaluation"][0]["feature_net_sha256"] == "ab" * 32  # provenance travels with the value
+    assert "checkpoints" not in str(sorted((tmp_path / "results").rglob("*")))
+    assert export_run(dict(record, status="failed"), tmp_path / "results") is None
+    assert export_run(dict(record, smoke=True), tmp_path / "results") is None
+
+
+def test_paper_numbers_are_data_with_sources():
+    paper = load_paper(REPO / "results")
+    assert set(paper.columns) >= {"dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "source"}
+    known = paper[paper["value"].notna()]
+    got = {(r.dataset, r.arch, int(r.num_steps)): r.value for r in known.itertuples()}
+    assert got == {("celebahq256", "DiT-B/2", 128): 6.9, ("celebahq256", "DiT-B/2", 4): 13.8,
+                   ("celebahq256", "DiT-B/2", 1): 20.5, ("imagenet256", "DiT-B/2", 128): 15.5,
+                   ("imagenet256", "DiT-B/2", 4): 28.3, ("imagenet256", "DiT-B/2", 1): 40.3,
+                   ("imagenet256", "DiT-XL/2", 128): 3.8, ("imagenet256", "DiT-XL/2", 4): 7.8,
+                   ("imagenet256", "DiT-XL/2", 1): 10.6}
+    assert known["source"].str.contains("README").all()
+    assert paper.loc[paper["value"].isna(), "note"].str.contains("not in the material").all()
+    assert (paper["value"].dropna() != 0).all()
