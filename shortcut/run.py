@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from clu import parameter_overview
 
 from shortcut import data as data_lib
@@ -60,10 +61,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def jsonable(obj):
+    """numpy scalars and arrays as numbers and lists; anything else unknown as its string."""
+    return obj.tolist() if isinstance(obj, (np.generic, np.ndarray)) else str(obj)
+
+
 def write_json(path: Path, content: dict) -> None:
     """Atomic write: a reader never sees a half-written record."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=str))
+    tmp.write_text(json.dumps(content, indent=2, default=jsonable))
     os.replace(tmp, path)
 
 

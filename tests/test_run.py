@@ -15,8 +15,8 @@ import pytest
 
 from shortcut import methods
 from shortcut.checkpoint import Checkpointer
-from shortcut.run import run, run_dir
-from shortcut.spec import load_spec
+from shortcut.run import jsonable, run, run_dir
+from shortcut.spec import list_specs, load_spec
 from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
                             make_train_step, train)
 
@@ -40,12 +40,24 @@ def test_paper_specs_smoke(name, tmp_path):
     assert json.loads((Path(record["run_dir"]) / "run.json").read_text())["status"] == "finished"
 
 
+BASELINE_PAPER_SPECS = [n for n in list_specs() if not n.startswith("digits_") and not n.endswith(("_shortcut", "_flow"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BASELINE_PAPER_SPECS)
+def test_baseline_paper_specs_smoke(name, tmp_path):
+    """Every baseline's CelebA/ImageNet spec end to end with --smoke (teachers trained as smoke runs too)."""
+    record = run(load_spec(name), workdir=tmp_path, smoke=True, log=lambda s: None)
+    assert record["status"] == "finished" and set(record["samples"]) == {"128", "4", "1"}
+
+
 def test_digits_run_writes_record_grids_and_checkpoints(tmp_path):
     spec = load_spec("digits_shortcut", SHORT)
     record = run(spec, workdir=tmp_path, log=lambda s: None)
     rundir = run_dir(spec, tmp_path)
     on_disk = json.loads((rundir / "run.json").read_text())
-    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk == json.loads(json.dumps(record, default=jsonable))
+    assert isinstance(on_disk["evaluation"][0]["reference_provenance"]["count"], int)
     assert on_disk["status"] == "finished" and on_disk["spec_hash"] == spec.hash()
     assert on_disk["git_commit"] and on_disk["timings"]["train_s"] > 0
     assert [h["step"] for h in on_disk["train"]["history"]] == [20, 40]
