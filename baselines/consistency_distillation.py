@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from baselines.consistency_training import ConsistencyConfig, ConsistencyObjective
-from shortcut.objective import Context, Targets, drop_labels, expand
+from shortcut.objective import Context, Targets, drop_labels, interpolate
 
 
 class ConsistencyDistillationConfig(ConsistencyConfig):
@@ -59,7 +59,7 @@ class ConsistencyDistillationObjective(ConsistencyObjective):
         dt = 1.0 / m
         t = jax.random.randint(k_t, (b,), 0, m).astype(jnp.float32) / m
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-        x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+        x_t = interpolate(x0, x1, t)
         y = drop_labels(k_label, labels, cfg.class_dropout, self.null_class)
         d = jnp.full((b,), self.d_cond, jnp.float32)
         x_t2 = x_t + dt * ctx.apply_fn(ctx.aux, x_t, t, d, y)

@@ -39,7 +39,8 @@ import numpy as np
 from pydantic import Field
 
 from shortcut.methods import MethodConfig
-from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand, guided_velocity
+from shortcut.objective import (ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand,
+                                guided_velocity, interpolate)
 
 
 class ConsistencyConfig(MethodConfig):
@@ -147,7 +148,7 @@ class ConsistencyTrainingObjective(ConsistencyObjective):
         t = jax.random.randint(k_t, (b,), 0, n).astype(jnp.float32) / n
         t2 = t + 1.0 / n
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-        x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+        x_t = interpolate(x0, x1, t)
         x_t2 = (1 - expand(t2, x1)) * x0 + expand(t2, x1) * x1
         y = drop_labels(k_label, labels, cfg.class_dropout, self.null_class)
         d = jnp.full((b,), self.d_cond, jnp.float32)

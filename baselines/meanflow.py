@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from shortcut.methods import MethodConfig
-from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand
+from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand, interpolate
 
 
 class MeanFlowConfig(MethodConfig):
@@ -89,7 +89,7 @@ class MeanFlowObjective(Objective):
         nm = self.mean_size(b)
         t, d, d_cond = self.sample_times(k_t, b, nm)
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-        x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+        x_t = interpolate(x0, x1, t)
         y = drop_labels(k_label, labels, cfg.class_dropout, self.null_class)
         u, target = meanflow_target(ctx.apply_fn, ctx.params, x_t, t, d_cond, y, x1 - x0, d)
         target = jax.lax.stop_gradient(target)

@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from shortcut.methods import MethodConfig
-from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand
+from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, interpolate
 
 from baselines.consistency_distillation import require_teacher
 
@@ -91,7 +91,7 @@ class ProgressiveDistillationObjective(Objective):
         t = jax.random.randint(k_t, (b,), 0, n).astype(jnp.float32) / n
         half = 0.5 / n.astype(jnp.float32)
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-        x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+        x_t = interpolate(x0, x1, t)
         y = drop_labels(k_label, labels, cfg.class_dropout, self.null_class)
         d = jnp.full((b,), self.d_cond, jnp.float32)
         v1 = ctx.apply_fn(ctx.aux, x_t, t, d, y)

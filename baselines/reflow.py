@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from pydantic import Field, ValidationInfo, field_validator
 
 from shortcut.methods import MethodConfig
-from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand
+from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, interpolate
 
 
 class ReflowConfig(MethodConfig):
@@ -60,7 +60,7 @@ class ReflowObjective(Objective):
         k_t, k_label = jax.random.split(key)
         b, m = x1.shape[0], cfg.denoise_timesteps
         t = jax.random.randint(k_t, (b,), 0, m).astype(jnp.float32) / m
-        x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+        x_t = interpolate(x0, x1, t)
         return Targets(x_t, t, jnp.full((b,), 1.0 / m, jnp.float32),
                        drop_labels(k_label, labels, cfg.class_dropout, self.null_class), x1 - x0,
                        jnp.zeros((b,), jnp.int32))

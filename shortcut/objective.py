@@ -62,6 +62,11 @@ def expand(a: jax.Array, like: jax.Array) -> jax.Array:
     return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
 
 
+def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
+    """The linear path x_t = (1 - t) x0 + t x1 (noise at t = 0, data at t = 1), t per example."""
+    return (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+
+
 def drop_labels(key: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
     """Replace each label by the null class with probability `prob` (classifier-free guidance)."""
     if prob <= 0:
@@ -76,7 +81,7 @@ def flow_targets(key: jax.Array, images: jax.Array, labels: jax.Array, *, m: int
     b = images.shape[0]
     t = jax.random.randint(k_t, (b,), 0, m).astype(jnp.float32) / m
     x0 = jax.random.normal(k_noise, images.shape, images.dtype)
-    x_t = (1 - expand(t, images)) * x0 + expand(t, images) * images
+    x_t = interpolate(x0, images, t)
     d = jnp.full((b,), 1.0 / m, jnp.float32)
     return Targets(x_t, t, d, drop_labels(k_label, labels, class_dropout, null_class), images - x0,
                    jnp.zeros((b,), jnp.int32))
@@ -189,7 +194,7 @@ class ShortcutObjective(Objective):
         t = jax.random.randint(k_t, (nb,), 0, jnp.asarray(2 ** levels)).astype(jnp.float32) * d
         x1, y = images[:nb], labels[:nb]
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-        x_t = (1 - expand(t, x1)) * x0 + expand(t, x1) * x1
+        x_t = interpolate(x0, x1, t)
         teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
         v = jax.lax.stop_gradient(self._bootstrap_target(ctx.apply_fn, teacher, x_t, t, d, y, levels))
         boot = Targets(x_t, t, d, y, v, jnp.ones((nb,), jnp.int32))
