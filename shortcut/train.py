@@ -88,11 +88,12 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
 
         def loss_fn(params):
             pred = apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels)
-            per_row = jnp.mean(jnp.square(pred - tg.v), axis=tuple(range(1, pred.ndim)))
-            if tg.weight is not None:
-                per_row = per_row * tg.weight
-            return jnp.mean(per_row), per_row
+            mse = jnp.mean(jnp.square(pred - tg.v), axis=tuple(range(1, pred.ndim)))
+            weighted = mse if tg.weight is None else mse * tg.weight
+            return jnp.mean(weighted), mse
 
+        # `loss` is the optimised objective (weighted where the objective weights rows); the per-group
+        # losses are plain MSEs, comparable across steps and methods.
         (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
