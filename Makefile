@@ -12,13 +12,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Best effort: pytorch-fid's Inception as the reference for tests/test_eval_inception_reference.py.
+# Best effort: pytorch-fid's Inception as the reference for tests/test_eval_inception_reference.py,
+# and diffusers' AutoencoderKL for tests/test_vae_reference.py.
 # Only a CPU torch 2.13.0 wheel already on this machine (pip's find-links) is used, never a CUDA
-# download; without it the reference test skips and says why.
+# download; without it the reference tests skip and say why.
 $(REFERENCE): $(STAMP)
 	-$(VENV)/bin/pip install -q sympy networkx jinja2 fsspec filelock \
 	  && $(VENV)/bin/pip install -q --no-index --no-deps torch==2.13.0 \
-	  && $(VENV)/bin/pip install -q --no-deps torchvision==0.28.0 pytorch-fid==0.3.0
+	  && $(VENV)/bin/pip install -q --no-deps torchvision==0.28.0 pytorch-fid==0.3.0 \
+	  && $(VENV)/bin/pip install -q diffusers
 	touch $(REFERENCE)
 
 demo: $(STAMP)

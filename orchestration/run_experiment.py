@@ -1,6 +1,12 @@
 """`run_experiment NAME [--set key=value ...] [--workdir DIR] [--smoke] [--eval-only] [--print] [--list]`
-[--tracking-uri URI | --no-tracking] [--keep-tracking-server] [--results-dir DIR];
-`run_experiment --stop-tracking-server`.
+[--address ADDR | --in-process] [--cpus N] [--tracking-uri URI | --no-tracking] [--keep-tracking-server]
+[--results-dir DIR]; `run_experiment --stop-tracking-server`.
+
+NAME is an experiment spec or a table spec (experiments/table1_*.yaml, orchestration/graph.py).
+Execution (orchestration/cluster.py): by default on a local Ray instance sized to this machine; with
+--address (or $RAY_ADDRESS) a dashboard URL `http://host:8265` submits a Ray job to that cluster
+(orchestration/jobs.py), a GCS address `host:6379` joins it as a driver; --in-process runs in this
+process without Ray (for debugging).
 
 Tracking (orchestration/tracking.py): MLflow through --tracking-uri, else $MLFLOW_TRACKING_URI, else the
 framework's local server for the work directory (started on 127.0.0.1 when needed, stopped when no run
@@ -11,18 +17,23 @@ results/runs/ (orchestration/results.py) for make_tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from pathlib import Path
 
-from shortcut.spec import SpecError, list_specs, load_spec, to_yaml
+from shortcut.spec import SpecError, list_specs, list_tables, load_spec, to_yaml
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_experiment",
-        description="Train one experiment spec from experiments/, sample at its step counts, write a run record.")
+        description="Train one experiment spec (or every experiment of a table spec) on Ray, sample at its step "
+                    "counts, write run records; a table ends with make_tables.")
     p.add_argument("name", nargs="?", help="spec name (experiments/NAME.yaml) or a path to a spec file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key, type-checked (repeatable), e.g. --set model.depth=4")
+                   help="override a spec key, type-checked (repeatable), e.g. --set model.depth=4; for a table, "
+                        "every experiment's")
     p.add_argument("--workdir", help="where run directories go (default: the spec's output.workdir, runs/)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny model on mock data for a few steps: checks any spec end to end on a CPU")
@@ -30,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluate the latest checkpoint of this spec's run directory instead of training")
     p.add_argument("--print", dest="print_spec", action="store_true", help="print the resolved spec and its hash")
     p.add_argument("--list", action="store_true", help="list the available specs")
+    r = p.add_argument_group("execution")
+    r.add_argument("--address", help="Ray cluster: a dashboard URL (http://HOST:8265) submits a Ray job, a GCS "
+                   "address (HOST:6379, auto) joins as a driver (default: $RAY_ADDRESS, else a local instance)")
+    r.add_argument("--in-process", action="store_true", help="run here without Ray (debugging, profiling)")
+    r.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all of this machine's)")
     t = p.add_argument_group("tracking and results")
     t.add_argument("--tracking-uri", help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else a local "
                    "server started on 127.0.0.1 with its store in WORKDIR/mlflow/)")
@@ -44,9 +60,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     if args.list:
-        print("\n".join(list_specs()))
+        print("\n".join(list_specs() + [f"{n}  (table)" for n in list_tables()]))
         return 0
     if args.stop_tracking_server:
         from orchestration.tracking import LocalServer
@@ -56,71 +73,174 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.name:
         parser().error("a spec name is required (see --list)")
+    address = args.address or os.environ.get("RAY_ADDRESS")
     try:
-        spec = load_spec(args.name, args.overrides)
-        if args.print_spec:
-            print(f"# {spec.name}  hash {spec.hash()}")
-            print(to_yaml(spec), end="")
-            return 0
-        from shortcut.data import DatasetNotReadyError
-        from shortcut.evaluate import EvaluationSetupError
-        from shortcut.evaluation import InceptionWeightsError
-        from orchestration.tracking import make_tracker
-        from shortcut.run import UnsupportedError, run
-        from shortcut.stages import TeacherError
-        from shortcut.train import NonFiniteLossError
+        from orchestration import jobs
+        from orchestration.graph import is_table
 
-        tracker = make_tracker(workdir=args.workdir or spec.output.workdir, tracking_uri=args.tracking_uri,
-                               enabled=not args.no_tracking, keep_server=args.keep_tracking_server)
-        try:
-            record = run(spec, workdir=args.workdir, smoke=args.smoke, eval_only=args.eval_only, tracker=tracker)
-        except (DatasetNotReadyError, UnsupportedError, NonFiniteLossError, EvaluationSetupError,
-                InceptionWeightsError, TeacherError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        finally:
-            if tracker is not None:
-                tracker.close()
+        table = is_table(args.name)
+        spec = None if table else load_spec(args.name, args.overrides)
+        if args.print_spec:
+            return _print(args, spec)
+        if not args.in_process and jobs.is_job_address(address):
+            return jobs.submit_and_follow(_job_argv(argv, args), address)
+        if table:
+            return _run_table(args, address)
+        return _run_one(args, spec, address)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except known_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and a rerun resumes from it", file=sys.stderr)
         return 130
-    print(summary(record))
-    _export(record, args.results_dir)
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that end a run with their one-line message (exit 1), not a traceback."""
+    from orchestration.cluster import ResourcesError
+    from orchestration.jobs import JobSubmissionError
+    from shortcut.data import DatasetNotReadyError
+    from shortcut.evaluate import EvaluationSetupError
+    from shortcut.evaluation import InceptionWeightsError
+    from shortcut.run import UnsupportedError
+    from shortcut.stages import TeacherError
+    from shortcut.train import NonFiniteLossError
+    from shortcut.vae import VAEWeightsError
+
+    return (DatasetNotReadyError, UnsupportedError, NonFiniteLossError, EvaluationSetupError, InceptionWeightsError,
+            TeacherError, ResourcesError, JobSubmissionError, VAEWeightsError)
+
+
+def _print(args, spec) -> int:
+    if spec is None:
+        from orchestration.graph import build, load_table
+
+        table = load_table(args.name)
+        nodes = build(table, tuple(args.overrides), smoke=args.smoke)
+        print(f"# {table.name}: {len(nodes)} experiments (teachers first)")
+        for node in nodes.values():
+            print(f"{node.spec.name}  {node.spec.hash()}")
+        return 0
+    print(f"# {spec.name}  hash {spec.hash()}")
+    print(to_yaml(spec), end="")
     return 0
 
 
-def _export(record: dict, results_dir: str | None) -> None:
-    """Export a finished run's results record for make_tables; a failure here never fails the run."""
-    from orchestration.results import export_run
-
-    try:
-        path = export_run(record, results_dir)
-    except Exception as e:  # noqa: BLE001
-        print(f"warning: results record not exported ({type(e).__name__}: {e}); "
-              f"later: make_tables --export {record['run_dir']}", file=sys.stderr)
-        return
-    if path:
-        print(f"  results record: {path}")
+JOB_WORKDIR, JOB_RESULTS = "~/shortcut-models/runs", "~/shortcut-models/results"
 
 
-def summary(record: dict) -> str:
-    lines = [f"{record['name']} finished: {record['run_dir']}"]
-    final = (record.get("train") or {}).get("final")
-    if final:
-        lines.append(f"  train: {record['train']['steps']} steps in {record['timings']['train_s']:.0f}s, "
-                     f"final loss {final['loss']:.4f}")
-    last_step = max((e["train_step"] for e in record["evaluation"]), default=None)
-    values = {e["num_steps"]: e for e in record["evaluation"] if e["train_step"] == last_step}
-    for n, s in record["samples"].items():
-        e = values.get(int(n))
-        metric = f"{e['metric']} {e['value']:8.3f}" if e else "no metric"
-        if e and "class_accuracy" in e:
-            metric += f", class accuracy {e['class_accuracy']:.3f}"
-        lines.append(f"  {n:>4} step(s) ({s['network_evaluations']} NFE): {metric}   grid {s['grid']}")
-    return "\n".join(lines)
+def _job_argv(argv: list[str], args) -> list[str]:
+    """The job's own command line: this one minus --address (inside the job, Ray sets RAY_ADDRESS), with
+    a work and a results directory on the cluster that outlive the job's temporary working directory."""
+    out = _without_address(argv)
+    if not args.workdir:
+        out += ["--workdir", JOB_WORKDIR]
+    if not args.results_dir and not os.environ.get("SHORTCUT_RESULTS_DIR"):
+        out += ["--results-dir", JOB_RESULTS]
+    print(f"on the cluster: runs in {args.workdir or JOB_WORKDIR}, results in "
+          f"{args.results_dir or os.environ.get('SHORTCUT_RESULTS_DIR') or JOB_RESULTS} (head node's filesystem "
+          "unless shared; give --workdir/--results-dir on shared storage)", file=sys.stderr)
+    return out
+
+
+def _without_address(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--address":
+            skip = True
+        elif not a.startswith("--address="):
+            out.append(a)
+    return out
+
+
+def _tracking(args):
+    from orchestration.worker import Tracking
+
+    off = os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no")
+    return Tracking(enabled=not (args.no_tracking or off), uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                    keep_server=args.keep_tracking_server)
+
+
+def _launch_kwargs(args, workdir: str) -> dict:
+    from orchestration.results import default_results_dir
+
+    results = Path(args.results_dir) if args.results_dir else default_results_dir()
+    return {"workdir": workdir, "smoke": args.smoke, "eval_only": args.eval_only, "tracking": _tracking(args),
+            "results_dir": str(results.expanduser().resolve())}
+
+
+def _run_one(args, spec, address: str | None) -> int:
+    from orchestration import cluster, worker
+    from shortcut.run import smoke_version
+
+    workdir = str(Path(args.workdir or spec.output.workdir).expanduser().resolve())
+    kwargs = _launch_kwargs(args, workdir)
+    if args.in_process:
+        result = worker.execute(spec.model_dump(mode="json"), **kwargs)
+    else:
+        import ray
+
+        resources = (smoke_version(spec) if args.smoke else spec).resources
+        resources_now = cluster.connect(address, num_cpus=args.cpus)
+        warning = cluster.check_feasible(resources, resources_now, spec.name, local=not address)
+        if warning:
+            print(warning, file=sys.stderr)
+        ref = cluster.launch(spec.model_dump(mode="json"), resources, **kwargs)
+        try:
+            result = ray.get(ref)
+        except KeyboardInterrupt:
+            print("interrupted: stopping the run (it checkpoints first) ...", file=sys.stderr)
+            ray.cancel(ref)  # raises KeyboardInterrupt inside the task: run() saves a checkpoint
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=120)
+            raise
+        except ray.exceptions.RayError as e:
+            raise cluster.cause(e) from None
+        finally:
+            cluster.release(ref)
+    print(result["summary"])
+    if result.get("exported"):
+        print(f"  results record: {result['exported']}")
+    return 0 if result["status"] == "finished" else 1
+
+
+def _run_table(args, address: str | None) -> int:
+    import time
+
+    from orchestration import cluster, graph, make_tables
+    from shortcut.run import run_dir
+
+    table = graph.load_table(args.name)
+    nodes = graph.build(table, tuple(args.overrides), smoke=args.smoke)
+    workdir = Path(args.workdir or "runs").expanduser().resolve()
+    kwargs = _launch_kwargs(args, str(workdir))
+    if args.smoke:  # mock-data runs are never exported into results/: their tables go under the work directory
+        kwargs["results_dir"] = str(workdir / "results")
+    if args.in_process:
+        print("error: a table runs on Ray; --in-process is for single experiments", file=sys.stderr)
+        return 2
+    resources_now = cluster.connect(address, num_cpus=args.cpus)
+    for node in nodes.values():
+        warning = cluster.check_feasible(node.spec.resources, resources_now, node.spec.name, local=not address)
+        if warning:
+            print(warning, file=sys.stderr)
+    t0 = time.time()
+    nodes = graph.execute(table, nodes, workdir=workdir, launch_kwargs=kwargs)
+    print(graph.summary(table, nodes, time.time() - t0))
+    tables_args = ["--results-dir", kwargs["results_dir"]]
+    if args.smoke:
+        tables_args += ["--include-smoke", "--export", str(workdir)]
+    else:  # also finished runs of an earlier invocation whose export went elsewhere
+        tables_args += ["--export"] + [str(run_dir(n.spec, workdir)) for n in nodes.values() if n.status == "cached"]
+        if tables_args[-1] == "--export":
+            tables_args.pop()
+    make_tables.main(tables_args)
+    return 0 if all(n.status in ("finished", "cached") for n in nodes.values()) else 1
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ RUN_ID_FILE = "mlflow_run.json"
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
 TRAIN_KEYS_SKIPPED = ("step",)
-_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -374,10 +374,12 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str | None = None, *, server: LocalServer | None = None,
-                 keep_server: bool = False, log: Callable[[str], None] = _stderr):
+                 keep_server: bool = False, tags: dict[str, str] | None = None,
+                 log: Callable[[str], None] = _stderr):
         if (tracking_uri is None) == (server is None):
             raise ValueError("give exactly one of tracking_uri and server")
         self.uri, self.server, self.keep_server, self._say = tracking_uri, server, keep_server, log
+        self.tags = dict(tags or {})  # extra run tags, e.g. mlflow.parentRunId for a sweep's trial
         self.run_id: str | None = None
         self.offline = False
         self._warned = False
@@ -405,7 +407,7 @@ class Tracker:
                 self.uri, self._client = self.server.acquire(keep=self.keep_server), None
             if not healthy(self.uri):
                 raise ConnectionError("no answer from /health")
-            self.run_id = ensure_run(self.client, record)
+            self.run_id = ensure_run(self.client, record, self.tags)
             self._say(f"tracking: MLflow run {self.run_id} in experiment {experiment_name(record)} at {self.uri}")
         except Exception as e:  # noqa: BLE001 - tracking must never stop a run
             self._go_offline(e)
@@ -472,21 +474,22 @@ class Tracker:
             self._say(f"tracking: warning: MLflow at {self.uri} still unavailable; not synced. run.json is complete; "
                      f"sync later with `shortcut_tracking sync {record['run_dir']}`")
             return
-        self.run_id = sync_record(self.client, record)
+        self.run_id = sync_record(self.client, record, self.tags)
         if self.offline:
             self._say(f"tracking: the server is back; synced the whole run record into MLflow run {self.run_id}")
 
 
 def make_tracker(*, workdir: str | Path, tracking_uri: str | None = None, enabled: bool = True,
-                 keep_server: bool = False, log: Callable[[str], None] = _stderr) -> Tracker | None:
+                 keep_server: bool = False, tags: dict[str, str] | None = None,
+                 log: Callable[[str], None] = _stderr) -> Tracker | None:
     """The CLI's tracker: `tracking_uri`, else $MLFLOW_TRACKING_URI, else the local server of `workdir`.
     None when disabled (`--no-tracking`, or $SHORTCUT_TRACKING=off)."""
     if not enabled or os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no"):
         return None
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return Tracker(uri, log=log)
-    return Tracker(server=LocalServer.for_workdir(workdir, log=log), keep_server=keep_server, log=log)
+        return Tracker(uri, tags=tags, log=log)
+    return Tracker(server=LocalServer.for_workdir(workdir, log=log), keep_server=keep_server, tags=tags, log=log)
 
 
 # ------------------------------------------------------------------------------------ sync / client
@@ -505,7 +508,7 @@ def get_or_create_experiment(client, name: str) -> str:
         return exp.experiment_id
 
 
-def ensure_run(client, record: dict) -> str:
+def ensure_run(client, record: dict, extra_tags: dict[str, str] | None = None) -> str:
     """The MLflow run of this run directory: the one recorded in mlflow_run.json if the server knows it,
     else one found by its tags (spec hash + run dir), else a new one. Logs params and tags, marks it
     RUNNING, uploads the resolved spec, and records its id in the run directory."""
@@ -514,7 +517,7 @@ def ensure_run(client, record: dict) -> str:
     rundir = Path(record["run_dir"])
     exp_id = get_or_create_experiment(client, experiment_name(record))
     _forget_artifact_repos()
-    tags = run_tags(record)
+    tags = {**run_tags(record), **(extra_tags or {})}
     run = None
     with contextlib.suppress(OSError, ValueError, KeyError):
         known = json.loads((rundir / RUN_ID_FILE).read_text())["run_id"]
@@ -584,10 +587,10 @@ def record_points(record: dict) -> list[tuple[str, float, int]]:
     return points
 
 
-def sync_record(client, record: dict) -> str:
+def sync_record(client, record: dict, extra_tags: dict[str, str] | None = None) -> str:
     """Log a run record (run.json) into MLflow: create or continue its run, add the metric points not
     yet there, upload artifacts, set the final status. Idempotent."""
-    run_id = ensure_run(client, record)
+    run_id = ensure_run(client, record, extra_tags)
     _log_points(client, run_id, record_points(record), skip_existing=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -76,6 +76,28 @@ def load_metric(spec: Spec) -> Metric | None:
     return Metric("fid", net, ref, ref.file_sha256, note=note)
 
 
+def smoke_metric(spec: Spec) -> Metric | None:
+    """For --smoke runs of FID specs: the FID pipeline with stand-ins (randomly initialised Inception at
+    75 px, reference statistics of mock images), so decoding and feature statistics are exercised.
+    The record's note says it is not an FID. None for other metrics (mock data has no reference)."""
+    if spec.eval.metric != "fid":
+        return None
+    from shortcut.data import make_mock_iterator
+    from shortcut.evaluation import InceptionFeatureNet, ReferenceStats
+    from shortcut.evaluation.frechet import RunningStats
+    from shortcut.evaluation.inception import random_inception_variables
+
+    net = InceptionFeatureNet(random_inception_variables(0), "random-init (smoke)", image_size=75)
+    images = make_mock_iterator(image_shape=spec.pixel_shape, num_classes=0, batch_size=16, seed=spec.seed + 7)
+    stats = RunningStats(net.dim)
+    for _ in range(2):
+        stats.update(net(next(images)["image"]))
+    ref = ReferenceStats.from_running_stats(stats, {"dataset": "mock", "feature_net": net.name,
+                                                    "feature_net_sha256": net.sha256})
+    return Metric("fid_smoke", net, ref, "mock", note="--smoke: random Inception weights at 75 px and statistics of "
+                  "random images stand in for FID's; a pipeline check, not an FID")
+
+
 class _Accuracy:
     def __init__(self, classifier):
         self.classifier, self.correct, self.count = classifier, 0, 0
@@ -88,8 +110,10 @@ class _Accuracy:
 
 
 def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, objective, train_step: int,
-             rundir: Path, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+             rundir: Path, log: Callable[[str], None] = print,
+             decode: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[dict], dict]:
     """Sample at each of `eval.steps`, save a grid per step count and, with a metric, compute it.
+    `decode` maps latent samples to images (latent specs) before the grids and the metric.
 
     Returns (evaluation entries, {N: sample info}). Partial feature statistics are checkpointed
     under rundir/eval/, so a killed evaluation continues where it stopped.
@@ -103,7 +127,7 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
     for n in ev.steps:
         t0 = time.perf_counter()
         grid_images, _ = sample_range(sampler, params, 0, ev.grid_size, num_steps=n, **common)
-        grid = save_grid(grid_images, rundir / "samples" / f"steps_{n}.png")
+        grid = save_grid(decode(grid_images) if decode else grid_images, rundir / "samples" / f"steps_{n}.png")
         samples[str(n)] = {"grid": str(grid), "network_evaluations": objective.network_evaluations(n, ev.cfg_scale)}
         if metric is None:
             continue
@@ -111,6 +135,7 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
 
         def batches(start: int, count: int) -> np.ndarray:
             images, labels = sample_range(sampler, params, start, ev.batch_size, num_steps=n, **common)
+            images = decode(images[:count]) if decode else images
             accuracy.update(images[:count], labels[:count])
             return images[:count]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from clu import parameter_overview
 from shortcut import data as data_lib
 from shortcut import methods, stages
 from shortcut.checkpoint import Checkpointer
-from shortcut.evaluate import evaluate, load_metric
+from shortcut.evaluate import evaluate, load_metric, smoke_metric
 from shortcut.sampling import make_sampler
 from shortcut.sharding import DataParallel
 from shortcut.spec import Spec, SpecError, validate
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, restore, train
+from shortcut.train import (StopTraining, build_model, init_state, make_apply_fn, make_optimizer, make_train_step,
+                            restore, train)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,17 +42,22 @@ def run_dir(spec: Spec, workdir: str | Path | None = None) -> Path:
 
 
 def smoke_version(spec: Spec) -> Spec:
-    """The same spec with a tiny model, a few steps and few samples, for mock data on a CPU."""
+    """The same spec with a tiny model, a few steps and few samples, for mock data on one CPU."""
     tree = spec.model_dump(mode="json")
     tree["model"] = dict(tree["model"], size=None, hidden_size=32, depth=2, num_heads=2, dtype="float32")
     tree["train"] = dict(tree["train"], steps=4, batch_size=8, log_every=2, checkpoint_every=2)
     tree["eval"] = dict(tree["eval"], num_samples=8, batch_size=8, grid_size=8)
+    tree["resources"] = {"cpus": 1, "gpus": 0, "tpus": 0, "hosts": 1}
+    if tree["data"].get("latent"):
+        tree["data"]["latent"] = dict(tree["data"]["latent"], batch_size=8)
     smoke_method = getattr(methods.objective_class(spec.method.name), "smoke_method", None)  # e.g. fewer reflow pairs
     tree["method"] = smoke_method(tree["method"]) if smoke_method else tree["method"]
     return validate(tree, {}, default_source=f"{spec.name} (--smoke)")
 
 
 def git_commit() -> str:
+    if os.environ.get("SHORTCUT_GIT_COMMIT"):  # set by orchestration/jobs.py: a Ray job's code has no .git
+        return os.environ["SHORTCUT_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -73,23 +80,60 @@ def write_json(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def make_data(spec: Spec, smoke: bool, dp: DataParallel):
-    """The training iterator (per-process batches), after checking the data matches the spec."""
+def make_data(spec: Spec, smoke: bool, dp: DataParallel, codec=None, rundir: Path | None = None, log=print):
+    """The training iterator (per-process batches), after checking the data matches the spec. With a
+    latent spec, batches are latents: encoded on the fly, or sampled from the pre-encoded dataset."""
     per_process = spec.train.batch_size // jax.process_count()
-    if smoke:
-        return data_lib.make_mock_iterator(image_shape=spec.input_shape, num_classes=spec.data.num_classes,
-                                           batch_size=per_process, seed=spec.seed)
     d = spec.data
-    info = data_lib.check_dataset(d.dataset, split=d.split, data_dir=d.data_dir, image_size=d.image_size)
-    if info.image_shape != spec.input_shape:
-        raise SpecError(spec.name, "data", f"dataset {d.dataset} gives images {info.image_shape}, the spec says "
-                                           f"{spec.input_shape} (data.image_size, data.channels)")
-    if info.num_classes != d.num_classes:
-        raise SpecError(spec.name, "data.num_classes", f"dataset {d.dataset} has {info.num_classes} classes")
-    return data_lib.make_train_iterator(d.dataset, batch_size=per_process, seed=spec.seed, split=d.split,
-                                        data_dir=d.data_dir, image_size=d.image_size, flip=d.flip,
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        shuffle_buffer=d.shuffle_buffer)
+    if smoke:
+        images = data_lib.make_mock_iterator(image_shape=spec.pixel_shape, num_classes=d.num_classes,
+                                             batch_size=per_process, seed=spec.seed)
+    else:
+        info = data_lib.check_dataset(d.dataset, split=d.split, data_dir=d.data_dir, image_size=d.image_size)
+        if info.image_shape != spec.pixel_shape:
+            raise SpecError(spec.name, "data", f"dataset {d.dataset} gives images {info.image_shape}, the spec says "
+                                               f"{spec.pixel_shape} (data.image_size, data.channels)")
+        if info.num_classes != d.num_classes:
+            raise SpecError(spec.name, "data.num_classes", f"dataset {d.dataset} has {info.num_classes} classes")
+        if d.latent is None or d.latent.encoding == "on_the_fly":
+            images = data_lib.make_train_iterator(
+                d.dataset, batch_size=per_process, seed=spec.seed, split=d.split, data_dir=d.data_dir,
+                image_size=d.image_size, flip=d.flip, process_index=jax.process_index(),
+                process_count=jax.process_count(), shuffle_buffer=d.shuffle_buffer)
+    if d.latent is None:
+        return images
+    from shortcut.data import latents
+
+    if d.latent.encoding == "on_the_fly":
+        return latents.EncodedIterator(images, codec, seed=spec.seed)
+    if smoke:  # a few batches of mock images stand in for the dataset
+        directory = rundir / "latents"
+        latents.pre_encode(spec, codec, directory, images=[next(images) for _ in range(2)], log=log)
+    else:
+        directory = Path(d.latent.encoded_dir) if d.latent.encoded_dir else latents.default_encoded_dir(spec, codec)
+        if not (directory / "shortcut_latents.json").exists() and jax.process_count() > 1:
+            raise UnsupportedError(f"the pre-encoded latents {directory} do not exist; encode them once on one host "
+                                   f"first (run_experiment {spec.name} --set train.steps=0 ... or a single-host run)")
+        latents.pre_encode(spec, codec, directory, log=log)
+    return latents.make_latent_iterator(directory, scale=d.latent.scale, batch_size=per_process, seed=spec.seed,
+                                        flip=d.flip, num_classes=d.num_classes, process_index=jax.process_index(),
+                                        process_count=jax.process_count(), shuffle_buffer=d.shuffle_buffer)
+
+
+def make_codec(spec: Spec, smoke: bool, record: dict):
+    """The VAE of a latent spec (a random reduced-width one under --smoke), described in the run record."""
+    if spec.data.latent is None:
+        return None
+    from shortcut.vae import LatentCodec
+
+    lat = spec.data.latent
+    codec = LatentCodec.from_spec(lat, smoke, batch_size=lat.batch_size, seed=spec.seed, path=lat.weights)
+    record["latent"] = {"autoencoder": lat.autoencoder, "vae": codec.description,
+                        "vae_weights_sha256": codec.weights_sha256, "encoding": lat.encoding, "scale": lat.scale}
+    if smoke:
+        record["latent"]["note"] = ("--smoke: a randomly initialised reduced-width VAE, not sd-vae-ft-mse; "
+                                    "checks encode -> train -> sample -> decode -> evaluate only")
+    return codec
 
 
 def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, eval_only: bool = False,
@@ -107,7 +151,8 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
         "name": spec.name, "spec_hash": spec.hash(), "smoke": smoke, "status": "running",
         "data": "mock (random) data, for a pipeline check only" if smoke else spec.data.dataset,
         "git_commit": git_commit(), "started": _now(), "run_dir": str(rundir),
-        "devices": [str(d) for d in jax.devices()], "versions": _versions(),
+        "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
+        "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions(),
         "spec": spec.model_dump(mode="json"),
     })
     record.setdefault("evaluation", [])
@@ -118,8 +163,11 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
         _run(spec, rundir, smoke, eval_only, record, log, tracker)
         record["status"] = "finished"
         return record
+    except StopTraining as e:  # a hook (e.g. a sweep's early stopping) ended training on purpose
+        record["status"], record["stopped"] = "stopped", str(e)
+        return record
     except BaseException as e:  # the record says how the run ended, whatever ended it
-        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record["status"] = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
         record["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
@@ -131,14 +179,12 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
 
 def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, log, tracker=None) -> None:
     t0 = time.perf_counter()
-    if spec.data.latent is not None and not smoke:
-        raise UnsupportedError(
-            f"{spec.name} trains in the latent space of {spec.data.latent.autoencoder}; the latent pipeline "
-            "(autoencoder, weights, encoding) is not part of this version yet. Use --smoke to check the spec "
-            "end to end on mock latents.")
-    metric = None if smoke else load_metric(spec)  # fail before training if weights/statistics are missing
+    # fail before training if weights or statistics are missing
+    metric = smoke_metric(spec) if smoke else load_metric(spec)
     if smoke:
-        record["evaluation_note"] = "--smoke: mock data has no reference statistics, so no metric"
+        record["evaluation_note"] = (metric.note if metric else
+                                     "--smoke: mock data has no reference statistics, so no metric")
+    codec = make_codec(spec, smoke, record)
     dp = DataParallel.create(spec.train.batch_size)
     # A `teacher:` spec is found finished in the same work directory or trained first (shortcut/stages.py).
     teacher = stages.resolve_teacher(spec, rundir.parents[1], smoke=smoke, train_missing=not eval_only, log=log)
@@ -148,7 +194,7 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     data = None
     if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
         data = stages.training_data(spec, objective, teacher, rundir, log=log)
-        data = make_data(spec, smoke, dp) if data is None else data
+        data = make_data(spec, smoke, dp, codec, rundir, log) if data is None else data
     model = build_model(spec)
     apply_fn = make_apply_fn(model)
     optimizer = make_optimizer(spec.optimizer)
@@ -167,9 +213,10 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     timings["setup_s"] = time.perf_counter() - t0
 
     def evaluate_at(state, step: int) -> None:
+        checkpointer.wait()  # the checkpoint of this step is complete before hooks hear of the evaluation
         t = time.perf_counter()
         entries, samples = evaluate(spec, metric, sampler, state.ema_params, objective=objective, train_step=step,
-                                    rundir=rundir, log=log)
+                                    rundir=rundir, log=log, decode=codec.decode if codec else None)
         record["evaluation"] = [e for e in record["evaluation"] if e["train_step"] != step] + entries
         record["samples"] = samples
         timings[f"evaluate_step{step}_s"] = time.perf_counter() - t
@@ -194,9 +241,9 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
             timings["train_s"] = result.seconds
             record["train"] = {"steps": spec.train.steps, "final": result.history[-1] if result.history else None,
                                "history": result.history}
+        evaluate_at(state, int(state.step))
     finally:
         checkpointer.close()
-    evaluate_at(state, int(state.step))
 
 
 def _now() -> str:

@@ -29,6 +29,7 @@ from shortcut.methods import KeyedValueError
 
 EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
 HASHED_SECTIONS = ("seed", "data", "model", "method", "optimizer", "train")
+LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
 
 
 class SpecError(Exception):
@@ -44,12 +45,21 @@ class _Section(BaseModel):
 
 
 class LatentSpec(_Section):
-    """Train in the latent space of a pretrained autoencoder (the paper's CelebA-HQ/ImageNet setting)."""
+    """Train in the latent space of a pretrained autoencoder (the paper's CelebA-HQ/ImageNet setting).
+    Images are encoded on the fly (a posterior sample times `scale`, each batch), or once into a latent
+    TFDS dataset of posterior moments that training samples from (`pre_encoded`, the faster choice at
+    paper scale); samples are decoded to pixels before evaluation (shortcut/data/latents.py)."""
 
     autoencoder: Literal["sd-vae-ft-mse"] = "sd-vae-ft-mse"
     scale: float = 0.18215
     downsample: int = 8
     channels: int = 4
+    encoding: Literal["on_the_fly", "pre_encoded"] = "on_the_fly"
+    weights: str | None = Field(default=None, description="diffusers weights file; default: the standard lookup "
+                                "($SHORTCUT_VAE_WEIGHTS, then ~/.cache/shortcut-models/sd-vae-ft-mse/)")
+    encoded_dir: str | None = Field(default=None, description="pre_encoded: where the latent dataset goes; default "
+                                    "<data_dir>/latents/<dataset>_<split>_<size>_<VAE sha256[:12]>")
+    batch_size: int = Field(default=32, ge=1, description="images per encode/decode call")
 
 
 class DataSpec(_Section):
@@ -123,9 +133,62 @@ class EvalSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    cpus: int = Field(default=1, ge=1)
-    gpus: int = Field(default=0, ge=0)
-    tpu_hosts: int = Field(default=0, ge=0)
+    """What one run asks of Ray (orchestration/cluster.py): `hosts` workers, one per host, each with
+    `cpus` CPUs and `gpus` GPUs or `tpus` TPU chips. A fractional `gpus` (< 1) shares a device."""
+
+    cpus: float = Field(default=1, gt=0, description="CPUs per worker")
+    gpus: float = Field(default=0, ge=0, description="GPUs per worker; a fraction < 1 shares one device")
+    tpus: int = Field(default=0, ge=0, description="TPU chips per worker (one worker per TPU host)")
+    hosts: int = Field(default=1, ge=1, description="workers, one per host, joined by jax.distributed")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResourcesSpec":
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise KeyedValueError("resources.gpus", f"a fraction must be < 1 (a shared device), got {self.gpus}")
+        if self.gpus and self.tpus:
+            raise KeyedValueError("resources.tpus", "give GPUs or TPU chips, not both")
+        return self
+
+
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform")
+
+
+class SweepSpec(_Section):
+    """A Ray Tune search (orchestration/sweep.py). `space` maps a dotted spec key to one of
+    `{choice: [..]}`, `{grid: [..]}` (every value, times num_samples), `{uniform: [lo, hi]}` or
+    `{loguniform: [lo, hi]}`. Only keys that change what is trained may be searched (they key the
+    trial's run directory through the spec hash)."""
+
+    space: dict[str, dict[str, list]] = Field(min_length=1)
+    metric: str | None = Field(default=None, description="reported metric to optimise; default "
+                               "`<eval.metric>/<fewest eval.steps>_steps`, e.g. fd_digits/1_steps")
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(default=4, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1, description="default: as many as resources allow")
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(default=1, ge=1, description="ASHA: evaluations before a trial may be stopped")
+    reduction_factor: int = Field(default=2, ge=2)
+    max_failures: int = Field(default=2, ge=0, description="retries of a failed trial, from its checkpoint")
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(cls, space: dict) -> dict:
+        for key, dist in space.items():
+            where = f"sweep.space.{key}"
+            if key.split(".")[0] not in HASHED_SECTIONS:
+                raise KeyedValueError(where, f"only keys under {', '.join(HASHED_SECTIONS)} can be searched "
+                                             "(other keys do not change what is trained)")
+            if len(dist) != 1 or next(iter(dist)) not in SEARCH_KINDS:
+                raise KeyedValueError(where, f"expected one of {', '.join(SEARCH_KINDS)}: [...], got {dist}")
+            kind, values = next(iter(dist.items()))
+            if not values:
+                raise KeyedValueError(where, f"{kind}: needs values")
+            if kind in ("uniform", "loguniform"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                    raise KeyedValueError(where, f"{kind}: expected [low, high] with low < high, got {values}")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise KeyedValueError(where, f"loguniform: bounds must be > 0, got {values}")
+        return space
 
 
 class OutputSpec(_Section):
@@ -144,6 +207,7 @@ class Spec(_Section):
     eval: EvalSpec = EvalSpec()
     resources: ResourcesSpec = ResourcesSpec()
     output: OutputSpec = OutputSpec()
+    sweep: SweepSpec | None = Field(default=None, description="search space for `sweep NAME`; not hashed")
     teacher: str | None = Field(default=None, description="spec whose finished run this one starts from "
                                 "(distillation, reflow); resolved or trained first by shortcut/stages.py")
     teacher_overrides: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides applied to the teacher spec")
@@ -185,9 +249,16 @@ class Spec(_Section):
             return (size // self.data.latent.downsample,) * 2 + (self.data.latent.channels,)
         return (size, size, self.data.channels)
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """Shape (H, W, C) of one dataset image (what is evaluated; the model sees `input_shape`)."""
+        return (self.data.image_size, self.data.image_size, self.data.channels)
+
     def hash(self) -> str:
         """Stable sha256 of the training-relevant content (see module docstring)."""
         content = self.model_dump(mode="json", include=set(HASHED_SECTIONS))
+        for key in LATENT_KEYS_NOT_HASHED:  # where files are and how they are batched do not change the model
+            (content["data"].get("latent") or {}).pop(key, None)
         if self.teacher is not None:
             content["teacher"] = self.teacher_spec().hash()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -224,9 +295,23 @@ def parse_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def is_table_file(path: Path) -> bool:
+    """A table spec lists `experiments:` (orchestration/graph.py) instead of describing one run."""
+    try:
+        raw = yaml.load(Path(path).read_text(), Loader=_Loader)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "experiments" in raw
+
+
 def list_specs(root: Path = EXPERIMENTS_DIR) -> list[str]:
-    """Names of the runnable specs (bases excluded)."""
-    return sorted(p.stem for p in root.glob("*.yaml"))
+    """Names of the experiment specs (bases and table specs excluded)."""
+    return sorted(p.stem for p in root.glob("*.yaml") if not is_table_file(p))
+
+
+def list_tables(root: Path = EXPERIMENTS_DIR) -> list[str]:
+    """Names of the table specs (experiments/table1_*.yaml)."""
+    return sorted(p.stem for p in root.glob("*.yaml") if is_table_file(p))
 
 
 def spec_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
@@ -236,7 +321,7 @@ def spec_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
     candidate = root / f"{name}.yaml"
     if candidate.exists():
         return candidate
-    known = ", ".join(list_specs(root)) or "(none)"
+    known = ", ".join(list_specs(root) + list_tables(root)) or "(none)"
     raise SpecError(name, "", f"no such spec in {root}; known specs: {known}")
 
 
@@ -318,6 +403,9 @@ def _apply_override(tree: dict, override: str, origin: dict) -> None:
 def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path = EXPERIMENTS_DIR) -> Spec:
     """Load, merge, override and validate a spec by name (experiments/NAME.yaml) or path."""
     path = spec_path(name, root)
+    if is_table_file(path):
+        raise SpecError(_display(path), "experiments", "this is a table spec (a list of experiments), not one "
+                                                       "experiment; run it with `run_experiment NAME`")
     origin: dict[str, str] = {}
     tree = _resolve_file(path, origin)
     for override in overrides:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -121,6 +122,11 @@ class _Terminated(Exception):
     pass
 
 
+class StopTraining(Exception):
+    """Raised by a hook (e.g. a sweep scheduler's early stop) to end training early; the state at that
+    point is checkpointed and the run is recorded as stopped, with this exception's message as the reason."""
+
+
 def _raise_terminated(signum, frame):
     raise _Terminated(f"signal {signum}")
 
@@ -142,7 +148,9 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
     last_saved = resumed_from
     interactive = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, disable=not interactive, dynamic_ncols=True, desc="train")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Signal handlers can only be installed from the main thread (a Ray Tune trial runs in another one).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     t0 = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
     step = start
@@ -175,15 +183,16 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
             bar.update(1)
         if last_saved != cfg.steps:
             last_saved = _save(checkpointer, cfg.steps, state, data)
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, _Terminated, StopTraining) as e:
         done = int(state.step)
         if done != last_saved and _finite(state):
-            log(f"interrupted: saving a checkpoint at step {done}")
+            log(f"{'stopped' if isinstance(e, StopTraining) else 'interrupted'}: saving a checkpoint at step {done}")
             _save(checkpointer, done, state, data)
         raise
     finally:
         checkpointer.wait()
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         bar.close()
     return TrainResult(state, history, resumed_from, time.perf_counter() - t0)
 

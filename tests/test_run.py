@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from shortcut import methods
 from shortcut.checkpoint import Checkpointer
@@ -25,22 +26,38 @@ SHORT = ["train.steps=40", "train.log_every=20", "train.checkpoint_every=20", "e
          "eval.num_samples=64", "eval.batch_size=64", "eval.grid_size=16"]
 
 
-@pytest.mark.parametrize("name", ["celeba_ditb_shortcut", "celeba_ditb_flow", "imagenet_ditb_shortcut",
-                                  "imagenet_ditb_flow", "imagenet_ditxl_shortcut"])
-def test_paper_specs_smoke(name, tmp_path):
-    record = run(load_spec(name), workdir=tmp_path, smoke=True, log=lambda s: None)
+LATENT_SMOKE = [("celeba_ditb_shortcut", "on_the_fly"), ("imagenet_ditb_shortcut", "pre_encoded"),
+                pytest.param("celeba_ditb_flow", "on_the_fly", marks=pytest.mark.slow),
+                pytest.param("imagenet_ditb_flow", "on_the_fly", marks=pytest.mark.slow),
+                pytest.param("imagenet_ditxl_shortcut", "pre_encoded", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,encoding", LATENT_SMOKE)
+def test_paper_specs_smoke_through_the_latent_path(name, encoding, tmp_path):
+    """Mock 256x256 images -> (random reduced-width) VAE encode -> train on 32x32x4 latents -> sample ->
+    decode -> the FID pipeline with stand-in weights; every stage labelled as a smoke check in the record."""
+    spec = load_spec(name, [f"data.latent.encoding={encoding}"])
+    record = run(spec, workdir=tmp_path, smoke=True, log=lambda s: None)
     assert record["status"] == "finished" and record["smoke"] is True
     assert "mock" in record["data"]
-    assert record["spec"]["model"]["hidden_size"] == 32
-    assert record["spec"]["method"] == {**load_spec(name).model_dump(mode="json")["method"]}
+    assert record["spec"]["model"]["hidden_size"] == 32 and spec.input_shape == (32, 32, 4)
+    assert record["spec"]["method"] == {**spec.model_dump(mode="json")["method"]}
+    assert record["latent"]["encoding"] == encoding and record["latent"]["vae_weights_sha256"] is None
+    assert "NOT sd-vae-ft-mse" in record["latent"]["vae"] and "smoke" in record["latent"]["note"]
     assert set(record["samples"]) == {"128", "4", "1"}
-    for s in record["samples"].values():
-        assert Path(s["grid"]).exists() and s["network_evaluations"] >= 1
-    assert record["evaluation"] == [] and "no metric" in record["evaluation_note"]
+    for s in record["samples"].values():  # grids of decoded 256x256 images, not of latents
+        grid = Image.open(s["grid"])
+        assert grid.size[0] >= 256 * 2 and grid.mode == "RGB" and s["network_evaluations"] >= 1
+    assert {e["num_steps"] for e in record["evaluation"]} == {128, 4, 1}
+    assert all(e["metric"] == "fid_smoke" and "not an FID" in e["note"] and np.isfinite(e["value"])
+               for e in record["evaluation"])
+    if encoding == "pre_encoded":
+        assert (Path(record["run_dir"]) / "latents" / "shortcut_latents.json").exists()
     assert json.loads((Path(record["run_dir"]) / "run.json").read_text())["status"] == "finished"
 
 
-BASELINE_PAPER_SPECS = [n for n in list_specs() if not n.startswith("digits_") and not n.endswith(("_shortcut", "_flow"))]
+BASELINE_PAPER_SPECS = [n for n in list_specs() if n.startswith(("celeba_", "imagenet_"))
+                        and not n.endswith(("_shortcut", "_flow"))]
 
 
 @pytest.mark.slow
@@ -84,7 +101,8 @@ def _final_params(rundir: Path, spec):
 
 
 def _cli(workdir: Path, overrides: list[str]) -> list[str]:
-    args = [sys.executable, "-m", "orchestration.run_experiment", "digits_shortcut", "--workdir", str(workdir)]
+    args = [sys.executable, "-m", "orchestration.run_experiment", "digits_shortcut", "--in-process", "--workdir",
+            str(workdir)]
     for o in overrides:
         args += ["--set", o]
     return args
@@ -166,10 +184,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored.params))
 
 
-def test_latent_spec_without_smoke_is_refused_clearly(tmp_path):
-    from shortcut.run import UnsupportedError
-
-    with pytest.raises(UnsupportedError, match="latent space of sd-vae-ft-mse.*--smoke"):
-        run(load_spec("celeba_ditb_shortcut"), workdir=tmp_path, log=lambda s: None)
-    record = json.loads(next(tmp_path.rglob("run.json")).read_text())
-    assert record["status"] == "failed" and "UnsupportedError" in record["error"]
+def test_latent_spec_without_vae_weights_says_what_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHORTCUT_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.delenv("SHORTCUT_VAE_WEIGHTS", raising=False)
+    done = subprocess.run([sys.executable, "-m", "orchestration.run_experiment", "celeba_ditb_shortcut", "--in-process",
+                           "--no-tracking", "--set", "eval.metric=none", "--workdir", str(tmp_path / "runs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    message = done.stderr
+    assert "diffusion_pytorch_model.safetensors" in message and str(tmp_path / "weights") in message
+    assert "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815" in message  # the expected sha256
+    record = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
+    assert record["status"] == "failed" and "VAEWeightsError" in record["error"]

@@ -187,3 +187,12 @@ def test_console_script_reports_without_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "eval.steps: each step count must be a power of two" in proc.stderr
+
+
+def test_every_paper_spec_trains_on_32x32x4_latents_with_patch_2():
+    paper = [n for n in list_specs() if n.startswith(("celeba_", "imagenet_"))]
+    assert len(paper) == 19
+    for name in paper:
+        s = load_spec(name)
+        assert s.data.latent.autoencoder == "sd-vae-ft-mse" and s.data.latent.scale == 0.18215, name
+        assert s.input_shape == (32, 32, 4) and s.pixel_shape == (256, 256, 3) and s.model.patch_size == 2, name

@@ -27,7 +27,7 @@ def make_spec(name: str, method: str, dataset: str, seed: int = 0, size: str = "
         "train": {"steps": 100, "batch_size": 16, "log_every": 50, "checkpoint_every": 50, "keep_checkpoints": 2},
         "eval": {"steps": list(steps), "num_samples": num_samples, "batch_size": 100, "cfg_scale": 1.0,
                  "grid_size": grid_size, "metric": metric},
-        "resources": {"cpus": 1, "gpus": 0, "tpu_hosts": 0},
+        "resources": {"cpus": 1, "gpus": 0, "tpus": 0, "hosts": 1},
         "output": {"workdir": "runs"},
     }
 

@@ -1,0 +1,171 @@
+"""Ray as the engine: join or start Ray, map a spec's resources to Ray, launch runs on workers.
+
+* `connect(address)`: no address (and no $RAY_ADDRESS) starts a local Ray instance sized to this
+  machine; a GCS address (`host:6379`, `auto`, `ray://host:10001`) joins that cluster as a driver.
+  (A dashboard URL, `http://host:8265`, means "submit a job" and is handled by orchestration/jobs.py;
+  inside that job Ray sets $RAY_ADDRESS to the GCS address, so the job's driver joins here.)
+* `worker_options(resources)`: Ray options of one worker. CPU-only workers run JAX on the CPU with
+  as many threads as CPUs asked; a fractional GPU share turns off JAX's full-memory preallocation;
+  TPU chips are the `TPU` resource.
+* `launch(spec_tree, resources, **kwargs)`: one Ray task running orchestration.worker.execute, or for
+  `resources.hosts > 1` one actor per host (a placement group spreads them), joined by
+  `jax.distributed.initialize` with process 0's node as coordinator. Each worker process runs one
+  experiment and exits, so XLA settings and device memory never leak between runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from typing import Any
+
+from shortcut.spec import ResourcesSpec
+
+class ResourcesError(RuntimeError):
+    """The Ray cluster cannot ever provide what a spec asks for."""
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, runtime_env: dict | None = None) -> dict:
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a local instance; returns the
+    cluster's resources. `runtime_env` applies to every worker of this driver. A second call in the same
+    process reuses the connection (and ignores the arguments)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=True, logging_level="WARNING")
+    return ray.cluster_resources()
+
+
+def worker_options(r: ResourcesSpec) -> dict[str, Any]:
+    """Ray options (num_cpus, num_gpus, resources, runtime_env) of one worker of a run."""
+    env = {}
+    if r.gpus == 0 and r.tpus == 0:
+        threads = str(max(1, int(r.cpus)))
+        env.update(JAX_PLATFORMS="cpu", TF_NUM_INTRAOP_THREADS=threads, TF_NUM_INTEROP_THREADS=threads)
+        if int(r.cpus) <= 1:
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    if 0 < r.gpus < 1:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    options: dict[str, Any] = {"num_cpus": r.cpus, "num_gpus": r.gpus, "runtime_env": {"env_vars": env}}
+    if r.tpus:
+        options["resources"] = {"TPU": r.tpus}
+    return options
+
+
+def check_feasible(r: ResourcesSpec, cluster: dict, name: str, *, local: bool) -> str | None:
+    """A ResourcesError if a local instance can never run this (Ray would wait forever); on a cluster
+    (which may autoscale) a warning to print instead. None when the resources exist."""
+    need = {"CPU": r.cpus * r.hosts, "GPU": r.gpus * r.hosts, "TPU": r.tpus * r.hosts}
+    short = {k: v for k, v in need.items() if v and cluster.get(k, 0) < v}
+    if not short:
+        return None
+    have = ", ".join(f"{k} {cluster.get(k, 0):g}" for k in ("CPU", "GPU", "TPU"))
+    asks = ", ".join(f"{k} {v:g}" for k, v in short.items())
+    message = (f"{name} asks for {asks} (resources: cpus {r.cpus:g}, gpus {r.gpus:g}, tpus {r.tpus}, "
+               f"hosts {r.hosts}); this Ray cluster has {have}")
+    if local:
+        raise ResourcesError(f"{message}. Lower them with --set resources.gpus=0 (etc.), or run on a cluster "
+                             "with --address")
+    return f"warning: {message}; the run waits until the cluster provides them"
+
+
+@functools.cache
+def _remote_execute():
+    import ray
+
+    from orchestration.worker import execute
+
+    return ray.remote(max_calls=1)(execute)
+
+
+class _HostWorker:
+    """One process of a multi-host run (a Ray actor, one per host)."""
+
+    def coordinator_address(self) -> str:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def execute(self, spec_tree: dict, **kwargs) -> dict:
+        from orchestration.worker import execute
+
+        return execute(spec_tree, **kwargs)
+
+
+def launch(spec_tree: dict, resources: ResourcesSpec, *, name: str | None = None, **kwargs):
+    """Start one run on Ray; returns the ObjectRef of its outcome (process 0's, for a multi-host run).
+    kwargs go to orchestration.worker.execute."""
+    import ray
+
+    options = worker_options(resources)
+    name = name or spec_tree.get("name", "run")
+    if resources.hosts == 1:
+        return _remote_execute().options(name=name, **options).remote(spec_tree, **kwargs)
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from orchestration.worker import Distributed
+
+    bundle = {"CPU": options["num_cpus"]}
+    if options["num_gpus"]:
+        bundle["GPU"] = options["num_gpus"]
+    bundle.update(options.get("resources", {}))
+    # SPREAD: one worker per host where the cluster has the hosts (a TPU host's or a whole GPU node's
+    # bundle fits one per host anyway); a single machine may still run every process (for tests).
+    group = placement_group([bundle] * resources.hosts, strategy="SPREAD")
+    actor_cls = ray.remote(_HostWorker)
+    actors = [actor_cls.options(name=None, num_cpus=options["num_cpus"], num_gpus=options["num_gpus"],
+                                resources=options.get("resources"), runtime_env=options["runtime_env"],
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
+              for i in range(resources.hosts)]
+    coordinator = ray.get(actors[0].coordinator_address.remote())
+    refs = [a.execute.remote(spec_tree, distributed=Distributed(coordinator, resources.hosts, i), **kwargs)
+            for i, a in enumerate(actors)]
+    return _first_of_all(refs, actors, group)
+
+
+def _first_of_all(refs, actors, group):
+    """An ObjectRef of process 0's outcome that resolves once every process finished (and frees them)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def gather(*outcomes):
+        return outcomes[0]
+
+    ref = gather.remote(*refs)
+    _PENDING[ref] = (actors, group)
+    return ref
+
+
+_PENDING: dict = {}  # keeps multi-host actors and their placement group alive until their run ends
+
+
+def release(ref) -> None:
+    """Free the actors and placement group of a finished multi-host run (no-op for single-host runs)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    held = _PENDING.pop(ref, None)
+    if held:
+        actors, group = held
+        for a in actors:
+            ray.kill(a)
+        remove_placement_group(group)
+
+
+def cause(error: BaseException) -> BaseException:
+    """The exception a Ray task raised (RayTaskError wraps it), else the error itself."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        return error.cause
+    return error

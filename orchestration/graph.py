@@ -1,0 +1,240 @@
+"""Tables as stage graphs: `run_experiment table1_digits` runs every experiment of a table on Ray.
+
+A table spec (experiments/table1_*.yaml) lists experiment specs and optional overrides for all of them:
+
+    description: Table 1 on the digits
+    experiments: [digits_flow, digits_shortcut, digits_reflow, ...]
+    set: []            # KEY=VALUE overrides for every experiment, teachers included
+
+Each experiment is a node keyed by its spec hash; a student's teacher (its `teacher:` spec) is a node
+it depends on, added when the table does not list it. Nodes run as Ray tasks (orchestration/cluster.py)
+as soon as their teachers finished, in parallel where resources allow. A node whose run directory
+already holds a finished run with the same hash is skipped. A failed node fails only itself and the
+students waiting for it; the summary says which failed and why, and a rerun redoes only what is
+missing. The graph ends by running make_tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from shortcut.spec import Spec, SpecError, is_table_file, load_spec, spec_path, validate
+
+PROGRESS_EVERY_S = 30.0
+
+
+class TableSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    experiments: tuple[str, ...] = Field(min_length=1)
+    set: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides for every experiment")
+
+
+def is_table(name: str) -> bool:
+    """Whether `name` (a spec name or path) is a table spec (it lists `experiments`)."""
+    try:
+        return is_table_file(spec_path(name))
+    except SpecError:
+        return False
+
+
+def load_table(name: str) -> TableSpec:
+    path = spec_path(name)
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("name", path.stem)
+    try:
+        return TableSpec.model_validate(raw)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        raise SpecError(str(path), ".".join(map(str, err["loc"])), err["msg"]) from None
+
+
+@dataclasses.dataclass
+class Node:
+    spec: Spec  # as it runs (the --smoke version under --smoke)
+    deps: list[str]
+    status: str = "waiting"  # waiting | cached | running | finished | failed | skipped
+    error: str | None = None
+    outcome: dict | None = None
+    started: float | None = None
+    ended: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name} [{self.spec.hash()[:8]}]"
+
+
+def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = False) -> dict[str, Node]:
+    """The nodes of a table, keyed by spec hash, teachers before their students."""
+    from shortcut.run import smoke_version
+
+    common = tuple(table.set) + tuple(overrides)
+    nodes: dict[str, Node] = {}
+
+    def add(spec: Spec) -> str:
+        deps = []
+        if spec.teacher is not None:
+            # the table's overrides reach the teacher too, through the student's teacher_overrides
+            tree = spec.model_dump(mode="json")
+            tree["teacher_overrides"] = list(spec.teacher_overrides) + list(common)
+            spec = validate(tree, {}, default_source=spec.name)
+            deps.append(add(spec.teacher_spec()))
+        effective = smoke_version(spec) if smoke else spec
+        key = effective.hash()
+        nodes.setdefault(key, Node(effective, deps))
+        return key
+
+    for name in table.experiments:
+        add(load_spec(name, common))
+    return nodes
+
+
+def _finished(node: Node, workdir: Path) -> bool:
+    from shortcut.run import run_dir
+    from shortcut.stages import _read_record
+
+    record = _read_record(run_dir(node.spec, workdir))
+    return bool(record) and record.get("status") == "finished"
+
+
+class _Board:
+    """A Ray actor the workers report their progress to, and the driver reads."""
+
+    def __init__(self):
+        self.state: dict[str, dict] = {}
+
+    def update(self, key: str, fields: dict) -> None:
+        self.state.setdefault(key, {}).update(fields)
+
+    def snapshot(self) -> dict:
+        return self.state
+
+
+class ProgressReporter:
+    """Run hooks (see orchestration.worker.Hooks) that tell the board how far a run is."""
+
+    def __init__(self, board, key: str):
+        self.board, self.key = board, key
+
+    def start(self, record: dict) -> None:
+        self.board.update.remote(self.key, {"phase": "starting", "total": record["spec"]["train"]["steps"],
+                                            "started": time.time()})
+
+    def log_metrics(self, metrics: dict) -> None:
+        self.board.update.remote(self.key, {"phase": "training", "step": int(metrics["step"]),
+                                            "loss": float(metrics["loss"])})
+
+    def log_evaluation(self, entries: list[dict]) -> None:
+        if entries:
+            self.board.update.remote(self.key, {"phase": f"evaluated at step {entries[0]['train_step']}"})
+
+
+def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_kwargs: dict,
+            log: Callable[[str], None] = print) -> dict[str, Node]:
+    """Run the graph on Ray (already connected); returns the nodes with their final status."""
+    import ray
+
+    from orchestration import cluster
+
+    t0 = time.time()
+
+    def say(message: str) -> None:
+        elapsed = int(time.time() - t0)
+        log(f"[{table.name} {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
+
+    for node in nodes.values():
+        if _finished(node, workdir):
+            node.status = "cached"
+    cached = [n.label for n in nodes.values() if n.status == "cached"]
+    say(f"{len(nodes)} experiments ({len(cached)} already finished: {', '.join(cached) or 'none'})")
+
+    board = ray.remote(num_cpus=0)(_Board).remote()
+    running: dict = {}  # ObjectRef -> node key
+    last_progress = time.time()
+    while True:
+        for key, node in nodes.items():
+            if node.status != "waiting":
+                continue
+            dep_status = [nodes[d].status for d in node.deps]
+            if any(s in ("failed", "skipped") for s in dep_status):
+                node.status = "skipped"
+                node.error = "teacher " + ", ".join(nodes[d].label for d in node.deps
+                                                    if nodes[d].status in ("failed", "skipped")) + " did not finish"
+                say(f"{node.label}: skipped ({node.error})")
+            elif all(s in ("finished", "cached") for s in dep_status):
+                node.status, node.started = "running", time.time()
+                hooks = (ProgressReporter(board, key),)
+                ref = cluster.launch(node.spec.model_dump(mode="json"), node.spec.resources, name=node.spec.name,
+                                     hooks=hooks, **launch_kwargs)
+                running[ref] = key
+                say(f"{node.label}: submitted" + (f" (after {', '.join(nodes[d].label for d in node.deps)})"
+                                                  if node.deps else ""))
+        if not running:
+            break
+        done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+        board_now = ray.get(board.snapshot.remote()) if done else {}
+        for ref in done:
+            key = running.pop(ref)
+            node = nodes[key]
+            node.ended = time.time()
+            node.started = board_now.get(key, {}).get("started", node.started)  # run time, not queue time
+            try:
+                node.outcome = ray.get(ref)
+                node.status = "finished" if node.outcome["status"] == "finished" else "failed"
+                node.error = node.outcome.get("error")
+            except Exception as e:  # noqa: BLE001 - one failed experiment never stops the others
+                error = cluster.cause(e)
+                node.status, node.error = "failed", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            finally:
+                cluster.release(ref)
+            say(f"{node.label}: {node.status} after {_duration(node.ended - node.started)}"
+                + (f": {_metrics(node.outcome)}" if node.status == "finished" else f" ({node.error})"))
+        if time.time() - last_progress >= PROGRESS_EVERY_S and running:
+            last_progress = time.time()
+            say(_progress_line(nodes, running, ray.get(board.snapshot.remote())))
+    ray.kill(board)
+    return nodes
+
+
+def _progress_line(nodes: dict[str, Node], running: dict, board: dict) -> str:
+    parts = []
+    for key in running.values():
+        b = board.get(key, {})
+        where = f"{b['step']}/{b['total']}" if "step" in b else b.get("phase", "queued")
+        parts.append(f"{nodes[key].spec.name} {where}")
+    counts = {s: sum(n.status == s for n in nodes.values()) for s in ("finished", "cached", "failed", "waiting")}
+    return "running: " + ", ".join(parts) + " | " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+
+
+def _metrics(outcome: dict | None) -> str:
+    entries = sorted((outcome or {}).get("evaluation", []), key=lambda e: -e["num_steps"])
+    values = [e for e in entries if e.get("value") is not None]
+    if not values:
+        return "no metric"
+    return f"{values[0]['metric']} " + ", ".join(f"{e['value']:.3g} @{e['num_steps']}" for e in values)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def summary(table: TableSpec, nodes: dict[str, Node], seconds: float) -> str:
+    lines = [f"{table.name}: {len(nodes)} experiments in {_duration(seconds)}"]
+    for node in nodes.values():
+        took = _duration(node.ended - node.started) if node.started and node.ended else "-"
+        detail = _metrics(node.outcome) if node.status == "finished" else (node.error or "")
+        lines.append(f"  {node.status:<8} {node.label:<48} {took:>8}  {detail}")
+    failed = [n for n in nodes.values() if n.status in ("failed", "skipped")]
+    if failed:
+        lines.append(f"{len(failed)} did not finish; rerun the same command to redo only those")
+    return "\n".join(lines)

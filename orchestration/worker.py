@@ -1,0 +1,152 @@
+"""What runs on a Ray worker (or in-process with --in-process): one experiment, start to finish.
+
+`execute` rebuilds the spec from its resolved tree, optionally joins a multi-host JAX job, runs
+`shortcut.run.run` with the MLflow tracker plus any extra hooks (progress reports, a sweep's Tune
+reporter), exports a finished run into results/ and returns a compact outcome for the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    """How a worker tracks its run: the CLI's tracking flags, carried to the worker."""
+
+    enabled: bool = True
+    uri: str | None = None
+    keep_server: bool = False
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This worker's place in a multi-host job (resources.hosts > 1)."""
+
+    coordinator: str
+    num_processes: int
+    process_id: int
+
+
+class Hooks:
+    """Fans the run hooks (start, log_metrics, log_evaluation, end) out to several listeners. A listener
+    may raise shortcut.train.StopTraining from log_evaluation to end training early; nothing else escapes."""
+
+    def __init__(self, *listeners):
+        self.listeners = [h for h in listeners if h is not None]
+
+    def _call(self, name: str, *args) -> None:
+        from shortcut.train import StopTraining
+
+        stop = None
+        for h in self.listeners:
+            fn = getattr(h, name, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args)
+            except StopTraining as e:
+                stop = e
+            except Exception as e:  # noqa: BLE001 - a listener must never break a run
+                print(f"warning: {type(h).__name__}.{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if stop is not None:
+            raise stop
+
+    def start(self, record: dict) -> None:
+        self._call("start", record)
+
+    def log_metrics(self, metrics: dict) -> None:
+        self._call("log_metrics", metrics)
+
+    def log_evaluation(self, entries: list[dict]) -> None:
+        self._call("log_evaluation", entries)
+
+    def end(self, record: dict) -> None:
+        self._call("end", record)
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def init_distributed(d: Distributed) -> None:
+    """Join the multi-host JAX job (one process per host; CPU hosts talk through gloo)."""
+    import jax
+
+    with contextlib.suppress(Exception):  # only matters on CPU; the option may be absent elsewhere
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+
+
+def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bool = False,
+            tracking: Tracking = Tracking(), results_dir: str | None = None, hooks: tuple = (),
+            distributed: Distributed | None = None) -> dict:
+    """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
+    propagate with their message; the run record in the run directory says how the run ended."""
+    if distributed is not None:
+        init_distributed(distributed)
+    import jax
+
+    from orchestration.tracking import make_tracker
+    from shortcut.run import run
+    from shortcut.spec import validate
+
+    spec = validate(spec_tree, {}, default_source=spec_tree.get("name", "spec"))
+    lead = jax.process_index() == 0  # one process records, tracks and exports
+    tracker = make_tracker(workdir=workdir, tracking_uri=tracking.uri, enabled=tracking.enabled and lead,
+                           keep_server=tracking.keep_server, tags=dict(tracking.tags)) if lead else None
+    listeners = Hooks(tracker, *hooks)
+    try:
+        record = run(spec, workdir=workdir, smoke=smoke, eval_only=eval_only, tracker=listeners)
+    finally:
+        listeners.close()
+    result = outcome(record)
+    if lead and record["status"] == "finished":
+        result["exported"] = export(record, results_dir)
+    return result
+
+
+def export(record: dict, results_dir: str | None) -> str | None:
+    """Export a finished run's results record for make_tables; a failure here never fails the run."""
+    from orchestration.results import export_run
+
+    try:
+        path = export_run(record, results_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: results record not exported ({type(e).__name__}: {e}); "
+              f"later: make_tables --export {record['run_dir']}", file=sys.stderr)
+        return None
+    return str(path) if path else None
+
+
+def outcome(record: dict) -> dict[str, Any]:
+    """What the driver needs of a run record: identity, status, final metrics and a printable summary."""
+    last_step = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
+    return {
+        "name": record["name"], "spec_hash": record["spec_hash"], "run_dir": record["run_dir"],
+        "status": record["status"], "error": record.get("error"), "stopped": record.get("stopped"),
+        "smoke": record.get("smoke", False),
+        "evaluation": [e for e in record.get("evaluation", []) if e["train_step"] == last_step],
+        "timings": record.get("timings", {}), "summary": summary(record),
+    }
+
+
+def summary(record: dict) -> str:
+    """A few lines: where the run is, its training time and loss, and each step count's metric."""
+    lines = [f"{record['name']} {record['status']}: {record['run_dir']}"]
+    final = (record.get("train") or {}).get("final")
+    if final:
+        lines.append(f"  train: {record['train']['steps']} steps in {record['timings']['train_s']:.0f}s, "
+                     f"final loss {final['loss']:.4f}")
+    last_step = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
+    values = {e["num_steps"]: e for e in record.get("evaluation", []) if e["train_step"] == last_step}
+    for n, s in (record.get("samples") or {}).items():
+        e = values.get(int(n))
+        metric = f"{e['metric']} {e['value']:8.3f}" if e and e.get("value") is not None else "no metric"
+        if e and "class_accuracy" in e:
+            metric += f", class accuracy {e['class_accuracy']:.3f}"
+        lines.append(f"  {n:>4} step(s) ({s['network_evaluations']} NFE): {metric}   grid {s['grid']}")
+    return "\n".join(lines)
