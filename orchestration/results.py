@@ -174,6 +174,8 @@ def load_paper(results_dir: str | Path | None = None):
     import pandas as pd
 
     root = (Path(results_dir) if results_dir else default_results_dir()) / "paper"
+    if not any(root.glob("*.csv")):  # e.g. a results folder outside the checkout: the shipped numbers
+        root = REPO_ROOT / "results" / "paper"
     frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))]
     columns = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "source", "note"]
     if not frames:
