@@ -158,19 +158,15 @@ def _without_address(argv: list[str]) -> list[str]:
     return out
 
 
-def _tracking(args):
-    from orchestration.worker import Tracking
-
-    off = os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no")
-    return Tracking(enabled=not (args.no_tracking or off), uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                    keep_server=args.keep_tracking_server)
-
-
 def _launch_kwargs(args, workdir: str) -> dict:
     from orchestration.results import default_results_dir
 
     results = Path(args.results_dir) if args.results_dir else default_results_dir()
-    return {"workdir": workdir, "smoke": args.smoke, "eval_only": args.eval_only, "tracking": _tracking(args),
+    from orchestration.worker import Tracking
+
+    tracking = Tracking.from_flags(no_tracking=args.no_tracking, uri=args.tracking_uri,
+                                   keep_server=args.keep_tracking_server)
+    return {"workdir": workdir, "smoke": args.smoke, "eval_only": args.eval_only, "tracking": tracking,
             "results_dir": str(results.expanduser().resolve())}
 
 

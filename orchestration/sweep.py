@@ -297,13 +297,7 @@ def write_best(spec: Spec, best: dict, results_dir: Path, metric: str, overrides
     base = os.path.relpath(spec_path(spec.name).resolve(), out.parent)
     chosen = {k: parse_value(v) for k, v in (o.split("=", 1) for o in overrides)}
     chosen.update(best["config"])
-    values = {}
-    for key, value in chosen.items():
-        node = values
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    values = with_values({}, chosen)
     date = datetime.date.today().isoformat()
     flags = " ".join(f"--set {k}={json.dumps(v)}" for k, v in chosen.items())
     shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
@@ -358,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError(spec.name, "sweep", "this spec declares no sweep: section (a search space)")
         workdir = Path(args.workdir or spec.output.workdir).expanduser().resolve()
         results_dir = (Path(args.results_dir) if args.results_dir else default_results_dir()).expanduser().resolve()
-        off = os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no")
-        tracking = Tracking(enabled=not (args.no_tracking or off),
-                            uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        tracking = Tracking.from_flags(no_tracking=args.no_tracking, uri=args.tracking_uri)
         launch_kwargs = {"workdir": str(workdir), "smoke": args.smoke, "tracking": tracking,
                          "results_dir": str(results_dir)}
         summary = run_sweep(spec, workdir=workdir, launch_kwargs=launch_kwargs, resume=args.resume,

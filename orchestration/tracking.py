@@ -479,12 +479,17 @@ class Tracker:
             self._say(f"tracking: the server is back; synced the whole run record into MLflow run {self.run_id}")
 
 
+def disabled_by_env() -> bool:
+    """$SHORTCUT_TRACKING=off (or 0, false, no) turns tracking off, like --no-tracking."""
+    return os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no")
+
+
 def make_tracker(*, workdir: str | Path, tracking_uri: str | None = None, enabled: bool = True,
                  keep_server: bool = False, tags: dict[str, str] | None = None,
                  log: Callable[[str], None] = _stderr) -> Tracker | None:
     """The CLI's tracker: `tracking_uri`, else $MLFLOW_TRACKING_URI, else the local server of `workdir`.
     None when disabled (`--no-tracking`, or $SHORTCUT_TRACKING=off)."""
-    if not enabled or os.environ.get("SHORTCUT_TRACKING", "").lower() in ("0", "off", "false", "no"):
+    if not enabled or disabled_by_env():
         return None
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

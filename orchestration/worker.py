@@ -22,6 +22,16 @@ class Tracking:
     keep_server: bool = False
     tags: tuple[tuple[str, str], ...] = ()
 
+    @classmethod
+    def from_flags(cls, *, no_tracking: bool, uri: str | None, keep_server: bool = False) -> "Tracking":
+        """From the CLI flags and the environment ($SHORTCUT_TRACKING, $MLFLOW_TRACKING_URI)."""
+        import os
+
+        from orchestration.tracking import disabled_by_env
+
+        return cls(enabled=not (no_tracking or disabled_by_env()), uri=uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                   keep_server=keep_server)
+
 
 @dataclasses.dataclass(frozen=True)
 class Distributed:

@@ -135,9 +135,10 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
 
         def batches(start: int, count: int) -> np.ndarray:
             images, labels = sample_range(sampler, params, start, ev.batch_size, num_steps=n, **common)
-            images = decode(images[:count]) if decode else images
-            accuracy.update(images[:count], labels[:count])
-            return images[:count]
+            images, labels = images[:count], labels[:count]
+            images = decode(images) if decode else images
+            accuracy.update(images, labels)
+            return images
 
         result = compute_fid(
             batches, ev.num_samples, ev.batch_size, metric.reference, metric.net,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from flax import traverse_util
 
 from shortcut.evaluation.frechet import atomic_savez
 
@@ -135,16 +136,6 @@ def _expected_shapes() -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        for k in key[:-1]:
-            node = node.setdefault(k, {})
-        node[key[-1]] = value
-    return out
-
-
 def _check_complete(flat: dict[tuple[str, ...], np.ndarray], origin: str) -> dict:
     expected = _expected_shapes()
     missing = sorted("/".join(k) for k in expected if k not in flat)
@@ -158,7 +149,7 @@ def _check_complete(flat: dict[tuple[str, ...], np.ndarray], origin: str) -> dic
     for k, shape in expected.items():
         if flat[k].shape != shape:
             raise ValueError(f"{origin}: {'/'.join(k)} has shape {flat[k].shape}, expected {shape}")
-    return _nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def variables_from_torch_state_dict(sd: dict[str, np.ndarray], origin: str = "state dict") -> dict:

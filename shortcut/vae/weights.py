@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from shortcut.evaluation.inception_weights import KnownWeights, default_weights_dir, sha256_file
 from shortcut.vae.model import SD_VAE_FT_MSE, AutoencoderKL, VAEConfig, init_params, param_shapes
@@ -190,13 +191,7 @@ def params_from_state_dict(sd: dict[str, np.ndarray], config: VAEConfig = SD_VAE
              for k, shape in expected.items() if flat[k].shape != shape]
     if wrong:
         raise VAEWeightsError(f"{origin}: {len(wrong)} tensors have the wrong shape: " + "; ".join(wrong[:5]))
-    params: dict = {}
-    for key, value in flat.items():
-        node = params
-        for k in key[:-1]:
-            node = node.setdefault(k, {})
-        node[key[-1]] = value
-    return params
+    return traverse_util.unflatten_dict(flat)
 
 
 def state_dict_from_params(params: dict) -> dict[str, np.ndarray]:
