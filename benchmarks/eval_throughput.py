@@ -36,7 +36,7 @@ def main() -> None:
     objective = methods.make_objective(spec)
     params = init_state(spec, model, make_optimizer(spec.optimizer), objective).ema_params
     sampler = make_sampler(objective, make_apply_fn(model))
-    common = dict(shape=spec.input_shape, num_classes=spec.data.num_classes, cfg_scale=spec.eval.cfg_scale, seed=0)
+    common = dict(shape=spec.input_shape, num_classes=spec.data.num_classes, seed=0)
 
     from shortcut.evaluation import DigitsFeatureNet, InceptionFeatureNet
     from shortcut.evaluation.inception import random_inception_variables
@@ -56,7 +56,8 @@ def main() -> None:
           f"{args.samples} samples, batch {args.batch_size}")
     print("| steps | NFE | sampling samples/s | " + " | ".join(f"{n.name} features/s" for n in nets) + " | end to end samples/s |")
     print("|---:|---:|---:|" + "---:|" * len(nets) + "---:|")
-    for n in spec.eval.steps:
+    for n, w, _ in spec.eval.settings():
+        common["cfg_scale"] = w
         warm, _ = sample_range(sampler, params, 0, args.batch_size, num_steps=n, **common)
         for net in nets:
             np.asarray(net.features(warm))
@@ -71,7 +72,7 @@ def main() -> None:
                 t_feat[i] += time.perf_counter() - t0
         total = args.samples
         feats = " | ".join(f"{total / t:.0f}" for t in t_feat)
-        print(f"| {n} | {objective.network_evaluations(n, spec.eval.cfg_scale)} | {total / t_sample:.0f} | {feats} | "
+        print(f"| {n} | {objective.network_evaluations(n, w)} | {total / t_sample:.0f} | {feats} | "
               f"{total / (t_sample + sum(t_feat)):.0f} |")
 
 

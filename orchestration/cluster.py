@@ -32,6 +32,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, runtime_
     process reuses the connection (and ignores the arguments)."""
     import ray
 
+    from shortcut.quiet import quiet_ray
+
+    quiet_ray()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:

@@ -3,7 +3,8 @@
 The paper computes FID against statistics of the entire dataset. This makes one ordered pass over the
 spec's dataset split (same preprocessing as training, no flips), extracts FID Inception pool3
 features and writes mu, sigma, count and provenance (dataset, split, image size, feature network and
-its sha256) to FILE (default: where `eval.metric: fid` looks for it).
+its sha256), and the features of the first 10,000 images (the precision/recall reference set), to
+FILE (default: where `eval.metric: fid` looks for it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from shortcut.evaluate import default_reference_path
     from shortcut.evaluation import InceptionFeatureNet, InceptionWeightsError, compute_reference_stats
     from shortcut.evaluation.inception_weights import STANDARD
+    from shortcut.evaluation.sample_metrics import PR_MAX_SAMPLES
 
     d, ev = spec.data, spec.eval
     out = Path(args.out or ev.reference_stats or default_reference_path(spec))
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          data_dir=d.data_dir, image_size=d.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)
     ref = compute_reference_stats(batches, net.features, dataset=d.dataset, split=d.split, feature_net=net.name,
-                                  feature_net_sha256=net.sha256, path=out,
+                                  feature_net_sha256=net.sha256, path=out, keep_features=PR_MAX_SAMPLES,
                                   extra_provenance={"image_size": d.image_size, "num_examples": info.num_examples,
                                                     "verified_weights": ev.verify_inception})
     print(f"wrote {out}: {ref.count} images of {d.dataset}/{d.split}, feature net {net.name} {net.sha256[:12]}")

@@ -5,13 +5,16 @@ A table spec (experiments/table1_*.yaml) lists experiment specs and optional ove
     description: Table 1 on the digits
     experiments: [digits_flow, digits_shortcut, digits_reflow, ...]
     set: []            # KEY=VALUE overrides for every experiment, teachers included
+    seeds: [0, 1, 2]   # optional: every experiment once per seed (default: each spec's own seed)
 
-Each experiment is a node keyed by its spec hash; a student's teacher (its `teacher:` spec) is a node
-it depends on, added when the table does not list it. Nodes run as Ray tasks (orchestration/cluster.py)
-as soon as their teachers finished, in parallel where resources allow. A node whose run directory
-already holds a finished run with the same hash is skipped. A failed node fails only itself and the
-students waiting for it; the summary says which failed and why, and a rerun redoes only what is
-missing. The graph ends by running make_tables.
+Each experiment is a node keyed by its spec hash (which includes the seed, so each seed is its own
+node); a student's teacher (its `teacher:` spec) is a node it depends on, added when the table does
+not list it, with the student's seed: the student of seed s distils the teacher of seed s.
+make_tables aggregates the seeds of one configuration into mean +- std. Nodes run as Ray tasks
+(orchestration/cluster.py) as soon as their teachers finished, in parallel where resources allow.
+A node whose run directory already holds a finished run with the same hash is skipped. A failed node
+fails only itself and the students waiting for it; the summary says which failed and why, and a
+rerun redoes only what is missing. The graph ends by running make_tables.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ class TableSpec(BaseModel):
     description: str = ""
     experiments: tuple[str, ...] = Field(min_length=1)
     set: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides for every experiment")
+    seeds: tuple[pydantic.NonNegativeInt, ...] | None = Field(
+        default=None, min_length=1, description="run every experiment (and its teacher) once per seed")
+
+    @pydantic.field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds):
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+        return seeds
 
 
 def is_table(name: str) -> bool:
@@ -55,13 +67,15 @@ def load_table(name: str) -> TableSpec:
         return TableSpec.model_validate(raw)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        raise SpecError(str(path), ".".join(map(str, err["loc"])), err["msg"]) from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise SpecError(str(path), ".".join(map(str, err["loc"])), message) from None
 
 
 @dataclasses.dataclass
 class Node:
     spec: Spec  # as it runs (the --smoke version under --smoke)
     deps: list[str]
+    show_seed: bool = False  # the table runs several seeds: labels say which
     status: str = "waiting"  # waiting | cached | running | finished | failed | skipped
     error: str | None = None
     outcome: dict | None = None
@@ -70,32 +84,51 @@ class Node:
 
     @property
     def label(self) -> str:
-        return f"{self.spec.name} [{self.spec.hash()[:8]}]"
+        seed = f" seed {self.spec.seed}" if self.show_seed else ""
+        return f"{self.spec.name}{seed} [{self.spec.hash()[:8]}]"
 
 
 def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = False) -> dict[str, Node]:
-    """The nodes of a table, keyed by spec hash, teachers before their students."""
+    """The nodes of a table, keyed by spec hash: for each seed of the table, every experiment and its
+    teacher (with the same seed); every teacher comes before the experiments that wait for it, so the
+    longest chains start first."""
     from shortcut.run import smoke_version
 
-    common = tuple(table.set) + tuple(overrides)
     nodes: dict[str, Node] = {}
 
-    def add(spec: Spec) -> str:
+    def add(spec: Spec, common: tuple[str, ...]) -> str:
         deps = []
         if spec.teacher is not None:
-            # the table's overrides reach the teacher too, through the student's teacher_overrides
+            # the table's overrides (its seed included) reach the teacher too, through teacher_overrides
             tree = spec.model_dump(mode="json")
             tree["teacher_overrides"] = list(spec.teacher_overrides) + list(common)
             spec = validate(tree, {}, default_source=spec.name)
-            deps.append(add(spec.teacher_spec()))
+            deps.append(add(spec.teacher_spec(), common))
         effective = smoke_version(spec) if smoke else spec
         key = effective.hash()
-        nodes.setdefault(key, Node(effective, deps))
+        nodes.setdefault(key, Node(effective, deps, show_seed=table.seeds is not None and len(table.seeds) > 1))
         return key
 
-    for name in table.experiments:
-        add(load_spec(name, common))
-    return nodes
+    # a seed from --set comes after the table's, so it wins (and the table runs that one seed)
+    for seed_override in ([f"seed={s}"] for s in table.seeds) if table.seeds else ([],):
+        common = tuple(table.set) + tuple(seed_override) + tuple(overrides)
+        for name in table.experiments:
+            add(load_spec(name, common), common)
+    return _teachers_first(nodes)
+
+
+def _teachers_first(nodes: dict[str, Node]) -> dict[str, Node]:
+    """The nodes ordered by how many generations wait on them (most first), stably: teachers before
+    students, and the driver submits the heads of the longest chains first."""
+    below: dict[str, int] = {}
+
+    def depth(key: str) -> int:  # the longest chain of students below a node
+        if key not in below:
+            below[key] = max((depth(k) + 1 for k, n in nodes.items() if key in n.deps), default=0)
+        return below[key]
+
+    order = sorted(nodes, key=lambda k: -depth(k))
+    return {k: nodes[k] for k in order}
 
 
 def _finished(node: Node, workdir: Path) -> bool:

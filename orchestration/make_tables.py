@@ -6,10 +6,15 @@ The header names the metric exactly as it was measured (`fd_digits` is the Frech
 digits classifier's features, not FID) and its sample count. A cell without a value shows "-", never 0.
 Runs that differ only by seed are aggregated: mean +- std (sample std, n-1) over seeds.
 
-Our value of a run is its evaluation at its last evaluated training step (EMA parameters). Outputs:
+Our value of a run is its evaluation at its last evaluated training step (with the parameters and guidance
+scales of its spec's `eval`, recorded in each entry). A step count a spec evaluates at several guidance
+scales (e.g. ImageNet's 128 steps at w = 1.5 and w = 1) fills its column with the first scale and adds
+a column `N-step, w = ...` for each further one. Outputs:
 
     results/tables/table1_<dataset>_<metric>.{md,tex,csv}   the table (CSV in the same layout, "-" = missing)
-    results/tables/table1_<dataset>_<metric>_values.csv     the numbers behind it (mean, std, n, seeds, ...)
+    results/tables/table1_<dataset>_<metric>_values.csv     the numbers behind it (mean, std, n, each seed, ...)
+    results/tables/table1_<dataset>_<metric>_findings.{md,csv}  the paper's pairwise findings (its CelebA-HQ
+                                                            column) checked on these runs, per seed (findings.py)
     results/tables/index.md                                 every Markdown table in one file
     results/figures/steps_<dataset>_<metric>.png            metric vs number of steps, one line per method
     results/figures/samples_<dataset>.png                   Figure-1 style: same starting noise, one row per
@@ -27,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestration import findings as findings_lib
 from orchestration import results as results_lib
 
 MISSING = "-"
@@ -39,10 +45,25 @@ METHOD_NAMES = {"diffusion": "Diffusion", "flow_matching": "Flow Matching",
                 "progressive_distillation": "Progressive Distillation",
                 "consistency_distillation": "Consistency Distillation", "reflow": "Reflow", "meanflow": "MeanFlow"}
 METRIC_NAMES = {"fid": "FID"}  # every other metric is shown under its own name (e.g. fd_digits)
+# scores recorded beside the Frechet distance in each evaluation entry (shortcut/evaluation/sample_metrics.py),
+# shown with `make_tables --metric NAME`
+SCORES = ("inception_score", "precision", "recall", "is_digits", "precision_digits", "recall_digits",
+          "class_accuracy")
+HIGHER_IS_BETTER = frozenset(SCORES)
 METRIC_DESCRIPTIONS = {
     "fid": "FID: Frechet distance of Inception-v3 pool3 features to the dataset's reference statistics",
     "fd_digits": "fd_digits: Frechet distance in the hidden features of the project's small digits classifier, "
                  "to the statistics of the whole digits dataset (offline stand-in; not FID, not comparable to FID)",
+    "inception_score": "inception_score: Inception Score (mean over 10 splits) on the FID Inception's logits "
+                       "(its 1008-way layer, no bias), from the same pass as FID",
+    "precision": "precision: improved precision (Kynkaanniemi et al. 2019, k = 3) on Inception pool3 features, "
+                 "against the reference set stored with the FID statistics",
+    "recall": "recall: improved recall (Kynkaanniemi et al. 2019, k = 3) on Inception pool3 features",
+    "is_digits": "is_digits: the Inception Score's formula on the digits classifier's 10 logits (not IS)",
+    "precision_digits": "precision_digits: improved precision (k = 3) in the digits classifier's features, "
+                        "against all 1,797 digits",
+    "recall_digits": "recall_digits: improved recall (k = 3) in the digits classifier's features",
+    "class_accuracy": "class_accuracy: the digits classifier's accuracy on the samples' intended classes",
 }
 
 
@@ -67,32 +88,39 @@ def metric_tag(metric: str, counts) -> str:
 
 
 def our_values(records: list[dict]) -> pd.DataFrame:
-    """One line per (run, metric, steps): the evaluation at the run's last evaluated training step."""
+    """One line per (run, metric, steps, scale column): the evaluation at the run's last evaluated training
+    step. `scale_column` is "" for the first guidance scale of a step count (its N-step column) and
+    "w = <w>" for each further scale the spec evaluates that step count at (an extra column)."""
     rows = []
     for rec in records:
         evals = [e for e in rec.get("evaluation") or [] if isinstance(e.get("value"), (int, float))]
         if not evals:
             continue
         last = max(int(e["train_step"]) for e in evals)
+        seen: set = set()
         for e in evals:
             if int(e["train_step"]) != last:
                 continue
-            rows.append({"dataset": rec["dataset"], "metric": e["metric"], "method": rec["method"],
+            first = (e["metric"], int(e["num_steps"])) not in seen
+            seen.add((e["metric"], int(e["num_steps"])))
+            rows.append({"scale_column": "" if first else f"w = {float(e['cfg_scale']):g}",
+                         "dataset": rec["dataset"], "metric": e["metric"], "method": rec["method"],
                          "arch": rec["arch"], "config": rec["config_hash"], "name": rec["name"],
                          "seed": int(rec["seed"]), "spec_hash": rec["spec_hash"], "num_steps": int(e["num_steps"]),
                          "value": float(e["value"]), "num_samples": int(e["num_samples"]), "train_step": last,
                          "cfg_scale": e.get("cfg_scale"), "finished": rec.get("finished") or ""})
     columns = ["dataset", "metric", "method", "arch", "config", "name", "seed", "spec_hash", "num_steps", "value",
-               "num_samples", "train_step", "cfg_scale", "finished"]
+               "num_samples", "train_step", "cfg_scale", "finished", "scale_column"]
     df = pd.DataFrame(rows, columns=columns)
     # the same run twice (e.g. two MLflow runs of one spec): keep the latest
-    df = df.sort_values("finished").drop_duplicates(["config", "seed", "metric", "num_steps"], keep="last")
+    df = df.sort_values("finished").drop_duplicates(["config", "seed", "metric", "num_steps", "scale_column"],
+                                                    keep="last")
     return df.reset_index(drop=True)
 
 
 def aggregate(values: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (n-1; NaN for one seed), n and seeds per (dataset, metric, method, arch, config, steps)."""
-    keys = ["dataset", "metric", "method", "arch", "config", "num_steps"]
+    keys = ["dataset", "metric", "method", "arch", "config", "num_steps", "scale_column"]
     if values.empty:
         return pd.DataFrame(columns=keys + ["name", "mean", "std", "n", "seeds", "num_samples"])
     g = values.groupby(keys, sort=False)
@@ -109,6 +137,9 @@ class Row:
     label: str
     ours: dict  # steps -> (mean, std, n) or None
     paper: dict  # steps -> float or None
+    paper_unsupported: frozenset = frozenset()  # steps the paper prints in parentheses
+    per_seed: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: value}
+    extra: dict = dataclasses.field(default_factory=dict)  # (steps, scale column) -> (mean, std, n): further w
 
 
 @dataclasses.dataclass
@@ -121,13 +152,19 @@ class Table:
     rows: list[Row]
     notes: list[str]
     paper_metrics: frozenset = frozenset()
+    extra_columns: list = dataclasses.field(default_factory=list)  # (steps, "w = 1.5"): a step count's further scales
 
     @property
     def stem(self) -> str:
         return f"table1_{self.dataset}_{self.metric}"
 
+    def ours_columns(self) -> list[tuple[int, str]]:
+        """Our columns: (steps, "") per step count, followed by (steps, "w = ...") for its further scales."""
+        return [c for n in self.steps for c in [(n, "")] + [e for e in self.extra_columns if e[0] == n]]
+
     def header(self) -> list[str]:
-        cols = ["Method", "Model"] + [f"{self.ours_tag} {n}-step (ours)" for n in self.steps]
+        cols = ["Method", "Model"] + [f"{self.ours_tag} {n}-step{', ' + w if w else ''} (ours)"
+                                      for n, w in self.ours_columns()]
         if self.paper_tag:
             cols += [f"{self.paper_tag} {n}-step (paper)" for n in self.steps]
         return cols
@@ -137,10 +174,10 @@ class Table:
         for r in self.rows:
             max_n = max((c[2] for c in r.ours.values() if c), default=1)
             line = [r.label + (f" ({max_n} seeds)" if max_n > 1 else ""), r.arch]
-            for n in self.steps:
-                line.append(format_ours(r.ours.get(n), max_n, pm))
+            for n, w in self.ours_columns():
+                line.append(format_ours(r.extra.get((n, w)) if w else r.ours.get(n), max_n, pm))
             if self.paper_tag:
-                line += [MISSING if r.paper.get(n) is None else f"{r.paper[n]:g}" for n in self.steps]
+                line += [format_paper(r.paper.get(n), n in r.paper_unsupported) for n in self.steps]
             out.append(line)
         return out
 
@@ -153,13 +190,22 @@ def format_ours(cell, row_n: int, pm: str = "±") -> str:
     return text + (f" (n={n})" if n != row_n else "")
 
 
+def format_paper(value, unsupported: bool = False) -> str:
+    """A paper cell: '-' if unknown; in parentheses where the paper puts it in parentheses."""
+    if value is None:
+        return MISSING
+    text = f"{value:.1f}" if round(value, 1) == value else f"{value:g}"  # the paper prints one decimal: 23.0
+    return f"({text})" if unsupported else text
+
+
 def _sort_key(method: str, arch: str, label: str):
     order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     return order, method, arch, label
 
 
 def build_tables(records: list[dict], paper: pd.DataFrame) -> list[Table]:
-    agg = aggregate(our_values(records))
+    values = our_values(records)
+    agg = aggregate(values)
     paper = paper.copy()
     datasets = sorted(set(agg["dataset"]) | set(paper["dataset"]))
     tables = []
@@ -167,11 +213,13 @@ def build_tables(records: list[dict], paper: pd.DataFrame) -> list[Table]:
         p = paper[paper["dataset"] == ds]
         ours_metrics = sorted(set(agg.loc[agg["dataset"] == ds, "metric"]))
         for metric in ours_metrics or sorted(set(p["metric"])):
-            tables.append(_table(ds, metric, agg[(agg["dataset"] == ds) & (agg["metric"] == metric)], p, records))
+            tables.append(_table(ds, metric, agg[(agg["dataset"] == ds) & (agg["metric"] == metric)], p, records,
+                                 values[(values["dataset"] == ds) & (values["metric"] == metric)]))
     return tables
 
 
-def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list[dict]) -> Table:
+def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list[dict],
+           seed_values: pd.DataFrame) -> Table:
     steps = sorted({int(n) for n in a["num_steps"]} | {int(n) for n in p["num_steps"]}, reverse=True)
     counts = {int(c) for r in records if r["dataset"] == ds for e in r.get("evaluation") or []
               if e.get("metric") == metric for c in [e.get("num_samples")] if c}
@@ -187,31 +235,53 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
         label = method_name(method)
         if configs.get((method, arch), 1) > 1:  # several configurations of one method: say which
             label += f" [{g['name'].iloc[0]} {config[:6]}]"
-        ours = {int(r.num_steps): (float(r.mean), float(r.std), int(r.n)) for r in g.itertuples()}
-        rows[(method, arch, config)] = Row(method, arch, label, ours, {})
+        cells = {(int(r.num_steps), r.scale_column): (float(r.mean), float(r.std), int(r.n)) for r in g.itertuples()}
+        ours = {n: c for (n, w), c in cells.items() if not w}
+        primary = seed_values[(seed_values["config"] == config) & (seed_values["scale_column"] == "")]
+        per_seed = {int(n): dict(zip(v["seed"].astype(int), v["value"].astype(float)))
+                    for n, v in primary.groupby("num_steps")}
+        rows[(method, arch, config)] = Row(method, arch, label, ours, {}, per_seed=per_seed,
+                                           extra={k: c for k, c in cells.items() if k[1]})
     for (method, arch), g in p.groupby(["method", "arch"], sort=False):
         values = {int(r.num_steps): (None if pd.isna(r.value) else float(r.value)) for r in g.itertuples()}
+        unsupported = frozenset(int(r.num_steps) for r in g.itertuples() if r.unsupported and not pd.isna(r.value))
         matched = [row for key, row in rows.items() if key[:2] == (method, arch)]
         if not matched:
             rows[(method, arch, "")] = Row(method, arch, method_name(method), {}, {})
             matched = [rows[(method, arch, "")]]
         for row in matched:
-            row.paper = values
+            row.paper, row.paper_unsupported = values, unsupported
     ordered = sorted(rows.values(), key=lambda r: _sort_key(r.method, r.arch, r.label))
+    params = sorted({{"ema": "EMA"}.get(str(e.get("params", "ema")), str(e.get("params"))) for r in records
+                     if r["dataset"] == ds for e in r.get("evaluation") or [] if e.get("metric") == metric})
     notes = [METRIC_DESCRIPTIONS.get(metric, f"{metric}: as recorded by the evaluation") + ".",
-             "Ours: EMA parameters at the last evaluated training step; mean ± std over seeds where a row has "
-             "several (sample std); '-' = no value."]
+             f"Ours: {' / '.join(params) or 'EMA'} parameters at the last evaluated training step; mean ± std over "
+             "seeds where a row has several (sample std); '-' = no value."]
+    extra_columns = sorted({(int(n), w) for n, w in zip(a["num_steps"], a["scale_column"]) if w},
+                           key=lambda c: (-c[0], float(c[1].removeprefix("w = "))))
+    scales = seed_values.groupby(["num_steps", "scale_column"])["cfg_scale"].agg(
+        lambda ws: " / ".join(f"{float(w):g}" for w in sorted(set(ws)))) if len(seed_values) else {}
+    if len(seed_values) and (extra_columns or set(seed_values["cfg_scale"].astype(float)) != {1.0}):
+        notes.append("Guidance scale w of our cells: " + "; ".join(
+            f"{n}-step{', ' + w if w else ''}: {scales[(n, w)]}"
+            for n, w in sorted(scales.index, key=lambda k: (-k[0], k[1])))
+            + (". A step count evaluated at several scales: the first fills its column, each further one adds "
+               "a 'N-step, w = ...' column" if extra_columns else "") + ".")
     if paper_tag:
         sources: dict[str, list[str]] = {}
         for src in p.loc[p["value"].notna(), "source"]:
             head, _, where = src.partition(", row ")
             where = where.rsplit(", column ", 1)[0]
-            if where and where not in sources.setdefault(head, []):
-                sources[head].append(where)
+            rows_named = sources.setdefault(head, [])
+            if where and where not in rows_named:
+                rows_named.append(where)
         text = "; ".join(f"{h} (row{'s' if len(w) > 1 else ''} {', '.join(w)})" if w else h for h, w in sources.items())
         notes.append("Paper: " + (text or "no published value available") +
                      ". Empty paper cells ('-'): " + (p.loc[p["value"].isna(), "note"].iloc[0]
                                                     if p["value"].isna().any() else "none") + ".")
+        if (p["unsupported"] & p["value"].notna()).any():
+            notes.append("Paper cells in parentheses, e.g. (302.9): the paper's own mark, 'evaluation under "
+                         "conditions that the objective is not intended to support'.")
         if set(p["metric"]) != {metric}:
             notes.append(f"Ours ({ours_tag}) and the paper's ({paper_tag}) are different metrics: "
                          "the columns are not comparable.")
@@ -220,7 +290,7 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
                          "Frechet distances are biased by sample count.")
     else:
         notes.append(f"The paper reports no numbers on {ds}.")
-    return Table(ds, metric, steps, ours_tag, paper_tag, ordered, notes, frozenset(p["metric"]))
+    return Table(ds, metric, steps, ours_tag, paper_tag, ordered, notes, frozenset(p["metric"]), extra_columns)
 
 
 # -------------------------------------------------------------------------------------- rendering
@@ -244,12 +314,13 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(t: Table) -> str:
-    k = len(t.steps)
-    spec = "ll" + "r" * k + ("|" + "r" * k if t.paper_tag else "")
-    group = [" ", " ", rf"\multicolumn{{{k}}}{{c{'|' if t.paper_tag else ''}}}{{Ours: {latex_escape(t.ours_tag)}}}"]
+    k, ko = len(t.steps), len(t.ours_columns())
+    spec = "ll" + "r" * ko + ("|" + "r" * k if t.paper_tag else "")
+    group = [" ", " ", rf"\multicolumn{{{ko}}}{{c{'|' if t.paper_tag else ''}}}{{Ours: {latex_escape(t.ours_tag)}}}"]
     if t.paper_tag:
         group.append(rf"\multicolumn{{{k}}}{{c}}{{Paper: {latex_escape(t.paper_tag)}}}")
-    steps = [f"{n}-step" for n in t.steps] * (2 if t.paper_tag else 1)
+    steps = [f"{n}-step{', ' + w if w else ''}" for n, w in t.ours_columns()]
+    steps += [f"{n}-step" for n in t.steps] if t.paper_tag else []
     lines = [f"% {t.dataset}: generated by make_tables; '-' = no value"]
     lines += [f"% {latex_escape(n.replace('±', '+-'))}" for n in t.notes]
     lines += [rf"\begin{{tabular}}{{{spec}}}", r"\hline", " & ".join(group) + r" \\",
@@ -265,14 +336,22 @@ def to_csv(t: Table) -> str:
 
 
 def values_frame(t: Table) -> pd.DataFrame:
+    """The numbers behind a table: per row and step count, mean, std, n, each seed's value
+    (`ours_seed_<s>`) and the paper's value with its parenthesis flag; a step count's further guidance
+    scales have their own lines (`scale_column` "w = ...")."""
+    seeds = sorted({s for r in t.rows for by_seed in r.per_seed.values() for s in by_seed})
     rows = []
     for r in t.rows:
-        for n in t.steps:
-            c = r.ours.get(n)
+        for n, w in t.ours_columns():
+            c = r.extra.get((n, w)) if w else r.ours.get(n)
+            by_seed = {} if w else r.per_seed.get(n, {})
             rows.append({"dataset": t.dataset, "method": r.method, "arch": r.arch, "row": r.label, "num_steps": n,
-                         "ours_metric": t.ours_tag, "ours_mean": c[0] if c else None,
+                         "scale_column": w, "ours_metric": t.ours_tag, "ours_mean": c[0] if c else None,
                          "ours_std": c[1] if c and c[2] > 1 else None, "ours_n": c[2] if c else 0,
-                         "paper_metric": t.paper_tag, "paper": r.paper.get(n)})
+                         "ours_seeds": ",".join(str(s) for s in sorted(by_seed)),
+                         **{f"ours_seed_{s}": by_seed.get(s) for s in seeds},
+                         "paper_metric": t.paper_tag, "paper": None if w else r.paper.get(n),
+                         "paper_unsupported": not w and n in r.paper_unsupported})
     return pd.DataFrame(rows)
 
 
@@ -287,33 +366,50 @@ def plot_steps(t: Table, path: Path) -> Path | None:
 
     if not any(r.ours for r in t.rows) and not any(v is not None for r in t.rows for v in r.paper.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     comparable = t.paper_metrics == {t.metric}
-    for i, r in enumerate(t.rows):
-        color = f"C{i % 10}"
+    several_archs = len({r.arch for r in t.rows}) > 1
+    handles, ours_drawn, paper_drawn = [], False, False
+    for r in t.rows:  # one colour per drawn row; ours solid with circles, the paper's dashed with squares
+        color = f"C{len(handles) % 10}"
         xs = [n for n in t.steps if r.ours.get(n)]
+        px = [n for n in t.steps if r.paper.get(n) is not None] if comparable else []
         if xs:
             ys = [r.ours[n][0] for n in xs]
             err = [r.ours[n][1] if r.ours[n][2] > 1 else 0.0 for n in xs]
-            ax.errorbar(xs, ys, yerr=err, marker="o", color=color, capsize=3,
-                        label=f"{r.label} ({r.arch}), ours: {t.ours_tag}")
-        px = [n for n in t.steps if r.paper.get(n) is not None]
-        if px and comparable:
-            ax.plot(px, [r.paper[n] for n in px], "s--", color=color, alpha=0.7,
-                    label=f"{r.label} ({r.arch}), paper: {t.paper_tag}")
+            ax.errorbar(xs, ys, yerr=err, marker="o", color=color, capsize=3)
+            ours_drawn = True
+        if px:
+            ax.plot(px, [r.paper[n] for n in px], "s--", color=color, alpha=0.7)
+            paper_drawn = True
+        if xs or px:
+            handles.append(Line2D([], [], color=color, lw=2, label=r.label + (f" ({r.arch})" if several_archs else "")))
+    if ours_drawn:  # what the two line styles mean
+        handles.append(Line2D([], [], color="0.4", marker="o", label=f"ours: {t.ours_tag}"))
+    if paper_drawn:
+        handles.append(Line2D([], [], color="0.4", marker="s", ls="--", alpha=0.7, label=f"paper: {t.paper_tag}"))
     ax.set_xscale("log", base=2)
     ax.set_xticks(t.steps)
     ax.set_xticklabels([str(n) for n in t.steps])
-    ax.set_xlabel("sampling steps")
+    ax.minorticks_off()
+    ax.set_xlabel("sampling steps (log2 scale)")
     ax.set_ylabel(METRIC_NAMES.get(t.metric, t.metric))
-    ax.set_title(f"{t.dataset}: {t.ours_tag} vs number of sampling steps (lower is better)", fontsize=9)
+    better = "higher" if t.metric in HIGHER_IS_BETTER else "lower"
+    ax.set_title(f"{t.dataset}: {t.ours_tag} vs number of sampling steps ({better} is better)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _samples_steps(key: str, info: dict) -> int:
+    """The step count of a run's `samples` entry (keyed "<N>", or "<N>_w<w>" for one of several scales)."""
+    return int(info.get("num_steps", str(key).split("_")[0]))
 
 
 def sample_figure(records: list[dict], dataset: str, path: Path) -> Path | None:
@@ -336,7 +432,8 @@ def sample_figure(records: list[dict], dataset: str, path: Path) -> Path | None:
     if not chosen:
         return None
     runs = sorted(chosen.values(), key=lambda r: _sort_key(r["method"], r["arch"], r["name"]))
-    steps = sorted({int(n) for r in runs for n, s in r["samples"].items() if s.get("first_sample")}, reverse=True)
+    steps = sorted({_samples_steps(k, s) for r in runs for k, s in r["samples"].items() if s.get("first_sample")},
+                   reverse=True)
     seeds = {r["seed"] for r in runs}
     labels = {}
     for r in runs:
@@ -351,7 +448,9 @@ def sample_figure(records: list[dict], dataset: str, path: Path) -> Path | None:
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            name = (r["samples"].get(str(n)) or {}).get("first_sample")
+            # a step count sampled at several scales: its first scale (keys "<N>" or "<N>_w<w>", in order)
+            name = next((s.get("first_sample") for k, s in r["samples"].items()
+                         if _samples_steps(k, s) == n and s.get("first_sample")), None)
             if name and (Path(r["_assets_dir"]) / name).exists():
                 img = np.asarray(Image.open(Path(r["_assets_dir"]) / name))
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
@@ -373,6 +472,21 @@ def sample_figure(records: list[dict], dataset: str, path: Path) -> Path | None:
 # -------------------------------------------------------------------------------------------- CLI
 
 
+def select_metric(records: list[dict], name: str) -> list[dict]:
+    """The records with only the evaluation entries of metric `name`: entries of that metric, or a score
+    recorded in an entry (e.g. inception_score), which becomes the entry's metric and value (same provenance)."""
+    out = []
+    for rec in records:
+        entries = []
+        for e in rec.get("evaluation") or []:
+            if e.get("metric") == name:
+                entries.append(e)
+            elif isinstance(e.get(name), (int, float)):
+                entries.append({**e, "metric": name, "value": e[name], "frechet_metric": e.get("metric")})
+        out.append({**rec, "evaluation": entries})
+    return out
+
+
 def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Path]:
     written = []
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
@@ -390,6 +504,7 @@ def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Pa
         plot = plot_steps(t, figures_dir / f"steps_{t.dataset}_{t.metric}.png")
         if plot:
             written.append(plot)
+        written += write_findings(t, records, paper, tables_dir, index)
     (tables_dir / "index.md").write_text("\n".join(index))
     written.append(tables_dir / "index.md")
     for ds in sorted({r["dataset"] for r in records}):
@@ -397,6 +512,21 @@ def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Pa
         if fig:
             written.append(fig)
     return written
+
+
+def write_findings(t: Table, records: list[dict], paper: pd.DataFrame, tables_dir: Path,
+                   index: list[str]) -> list[Path]:
+    """<stem>_findings.{md,csv}: the paper's pairwise findings checked on this table's runs (findings.py)."""
+    findings = findings_lib.paper_findings(paper)
+    if not findings or not findings_lib.lower_is_better(t.metric) or not any(r.per_seed for r in t.rows):
+        return []
+    checks = findings_lib.check(findings, t.rows, method_name)
+    md = findings_lib.to_markdown(checks, t.dataset, t.ours_tag, method_name,
+                                  notes=(findings_lib.budget_note(records, t.dataset),))
+    index.append(md)
+    (tables_dir / f"{t.stem}_findings.md").write_text(md)
+    findings_lib.to_frame(checks, method_name).to_csv(tables_dir / f"{t.stem}_findings.csv", index=False)
+    return [tables_dir / f"{t.stem}_findings.md", tables_dir / f"{t.stem}_findings.csv"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="first export the finished runs at or below these directories into results/runs/")
     p.add_argument("--include-smoke", action="store_true", help="also use --smoke runs (mock data)")
     p.add_argument("--out", help="where tables/ and figures/ go (default: the results folder)")
+    p.add_argument("--metric", help=f"tables of this metric only: a run's metric (fid, fd_digits) or a score "
+                                    f"recorded beside it ({', '.join(SCORES)})")
     args = p.parse_args(argv)
     root = Path(args.results_dir) if args.results_dir else results_lib.default_results_dir()
     for path in args.export or []:
@@ -417,7 +549,14 @@ def main(argv: list[str] | None = None) -> int:
         records = results_lib.records_from_mlflow(args.tracking_uri, include_smoke=args.include_smoke)
     else:
         records = [r for r in results_lib.load_exports(root) if args.include_smoke or not r.get("smoke")]
-    written = make_all(records, results_lib.load_paper(root), Path(args.out) if args.out else root)
+    paper = results_lib.load_paper(root)
+    if args.metric:
+        records, paper = select_metric(records, args.metric), paper[paper["metric"] == args.metric]
+        if not any(r["evaluation"] for r in records):
+            print(f"error: --metric {args.metric}: no run records it (a run's metric, e.g. fid or fd_digits, or one "
+                  f"of {', '.join(SCORES)})", file=sys.stderr)
+            return 2
+    written = make_all(records, paper, Path(args.out) if args.out else root)
     print(f"{len(records)} run(s) -> {len(written)} file(s):")
     for f in written:
         print(f"  {f}")

@@ -25,8 +25,15 @@ from pathlib import Path
 from shortcut.spec import SpecError, list_specs, list_tables, load_spec, to_yaml
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (exit 2), like every other rejected input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_experiment",
         description="Train one experiment spec (or every experiment of a table spec) on Ray, sample at its step "
                     "counts, write run records; a table ends with make_tables.")
@@ -41,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluate the latest checkpoint of this spec's run directory instead of training")
     p.add_argument("--print", dest="print_spec", action="store_true", help="print the resolved spec and its hash")
     p.add_argument("--list", action="store_true", help="list the available specs")
+    p.add_argument("--verbose", action="store_true", help="also show TensorFlow's, absl's and Ray's start-up "
+                   "messages (hidden by default; also: SHORTCUT_VERBOSE=1)")
     r = p.add_argument_group("execution")
     r.add_argument("--address", help="Ray cluster: a dashboard URL (http://HOST:8265) submits a Ray job, a GCS "
                    "address (HOST:6379, auto) joins as a driver (default: $RAY_ADDRESS, else a local instance)")
@@ -62,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    if args.verbose:  # before Ray starts: its workers inherit it
+        os.environ["SHORTCUT_VERBOSE"] = "1"
     if args.list:
         print("\n".join(list_specs() + [f"{n}  (table)" for n in list_tables()]))
         return 0
@@ -96,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and a rerun resumes from it", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`--print | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that end a run with their one-line message (exit 1), not a traceback."""
     from orchestration.cluster import ResourcesError
     from orchestration.jobs import JobSubmissionError
+    from shortcut.checkpoint import CheckpointError
     from shortcut.data import DatasetNotReadyError
     from shortcut.evaluate import EvaluationSetupError
     from shortcut.evaluation import InceptionWeightsError
@@ -110,8 +125,8 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from shortcut.train import NonFiniteLossError
     from shortcut.vae import VAEWeightsError
 
-    return (DatasetNotReadyError, UnsupportedError, NonFiniteLossError, EvaluationSetupError, InceptionWeightsError,
-            TeacherError, ResourcesError, JobSubmissionError, VAEWeightsError)
+    return (CheckpointError, DatasetNotReadyError, UnsupportedError, NonFiniteLossError, EvaluationSetupError,
+            InceptionWeightsError, TeacherError, ResourcesError, JobSubmissionError, VAEWeightsError)
 
 
 def _print(args, spec) -> int:
@@ -120,9 +135,12 @@ def _print(args, spec) -> int:
 
         table = load_table(args.name)
         nodes = build(table, tuple(args.overrides), smoke=args.smoke)
-        print(f"# {table.name}: {len(nodes)} experiments (teachers first)")
+        seeds = sorted({n.spec.seed for n in nodes.values()})
+        print(f"# {table.name}: {len(nodes)} experiments, seed{'s' if len(seeds) > 1 else ''} "
+              f"{', '.join(map(str, seeds))} (teachers first)")
         for node in nodes.values():
-            print(f"{node.spec.name}  {node.spec.hash()}")
+            after = f"  after {', '.join(nodes[d].label for d in node.deps)}" if node.deps else ""
+            print(f"{node.spec.name}  seed {node.spec.seed}  {node.spec.hash()}{after}")
         return 0
     print(f"# {spec.name}  hash {spec.hash()}")
     print(to_yaml(spec), end="")

@@ -38,7 +38,8 @@ def metric_of(spec: Spec) -> str:
         return spec.sweep.metric
     if spec.eval.metric == "none":
         raise SpecError(spec.name, "sweep.metric", "eval.metric is none: nothing to optimise; set eval.metric")
-    return f"{spec.eval.metric}/{min(spec.eval.steps)}_steps"
+    fewest = min(spec.eval.settings(), key=lambda s: s.num_steps)
+    return f"{spec.eval.metric}/{fewest.key}"
 
 
 def param_space(spec: Spec) -> dict:
@@ -93,8 +94,8 @@ class TuneReporter:
         if not entries:
             return
         step = int(entries[0]["train_step"])
-        metrics = {f"{e['metric']}/{e['num_steps']}_steps": float(e["value"]) for e in entries
-                   if e.get("value") is not None}
+        metrics = {f"{e['metric']}/{e.get('setting') or str(e['num_steps']) + '_steps'}": float(e["value"])
+                   for e in entries if e.get("value") is not None}
         metrics["train_step"] = step
         source = self.run_dir / "checkpoints" / str(step)
         try:

@@ -8,7 +8,8 @@ Naming
     params      the flattened resolved spec (``model.depth``, ``optimizer.lr``, ...).
     metrics     ``loss``, ``loss_<group>`` (``loss_flow``, ``loss_bootstrap``), ``grad_norm``, ``lr``,
                 ``steps_per_sec`` at their training step; every evaluation as ``<metric>/<N>_steps``
-                (e.g. ``fd_digits/1_steps``, ``fid/128_steps``) and ``class_accuracy/<N>_steps`` at the
+                (e.g. ``fd_digits/1_steps``, ``fid/128_steps``; ``fid/128_steps_w1.5`` where N is evaluated at
+                several guidance scales) and ``class_accuracy/<N>_steps`` at the
                 training step it was evaluated at; ``num_params``.
     tags        ``spec_name``, ``spec_hash``, ``method``, ``dataset``, ``seed``, ``arch``, ``smoke``,
                 ``git_commit`` (also ``mlflow.source.git.commit``), ``run_dir``, ``record_status``.
@@ -27,7 +28,11 @@ The local server (used unless ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names
     127.0.0.1 on a free port, under a small supervisor process; later and parallel runs reuse it (the
     lock makes start-or-reuse atomic, so parallel runs never start two). Each process using the
     server holds a lease file; the supervisor stops the server once no live process holds a lease for
-    ``idle_timeout`` seconds (60 by default), so a killed run cannot leave it running forever. A
+    ``idle_timeout`` seconds (60 by default), or at once when the store's directory is deleted, so a
+    killed run cannot leave it running forever. The supervisor is detached (nobody's child, its own
+    session: Ray kills a worker's children when the worker exits) and the server dies with it
+    (PR_SET_PDEATHSIG); a server of the store found without a live supervisor is stopped before a new
+    one starts, so a store has at most one server. A
     server started with ``keep`` (``run_experiment --keep-tracking-server`` or
     ``shortcut_tracking server start``) stays up until ``run_experiment --stop-tracking-server`` or
     ``shortcut_tracking server stop``. Every writer goes through the server; nothing but the server
@@ -58,6 +63,7 @@ import yaml
 RUN_ID_FILE = "mlflow_run.json"
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
+HEALTH_WAIT_S = 20.0  # how long a live supervisor's server may take to answer before it counts as hung
 TRAIN_KEYS_SKIPPED = ("step",)
 _STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 _MAX_PARAM_LENGTH = 6000
@@ -119,14 +125,15 @@ def train_points(metrics: dict) -> list[tuple[str, float, int]]:
 
 
 def evaluation_points(entries: Iterable[dict]) -> list[tuple[str, float, int]]:
-    """(``<metric>/<N>_steps``, value, train_step) for evaluation entries, plus class accuracy."""
+    """(``<metric>/<setting>``, value, train_step) for evaluation entries, plus class accuracy; the setting
+    is ``<N>_steps``, or ``<N>_steps_w<w>`` where a spec evaluates N steps at several guidance scales."""
     out = []
     for e in entries:
-        n, step = int(e["num_steps"]), int(e["train_step"])
+        setting, step = e.get("setting") or f"{int(e['num_steps'])}_steps", int(e["train_step"])
         if isinstance(e.get("value"), (int, float)) and math.isfinite(e["value"]):
-            out.append((f"{e['metric']}/{n}_steps", float(e["value"]), step))
+            out.append((f"{e['metric']}/{setting}", float(e["value"]), step))
         if isinstance(e.get("class_accuracy"), (int, float)):
-            out.append((f"class_accuracy/{n}_steps", float(e["class_accuracy"]), step))
+            out.append((f"class_accuracy/{setting}", float(e["class_accuracy"]), step))
     return out
 
 
@@ -163,6 +170,22 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def idle_timeout_from_env() -> float:
+    """``$SHORTCUT_TRACKING_IDLE_S`` seconds, else 60; anything but a finite number >= 0 is ignored (one warning)."""
+    text = os.environ.get("SHORTCUT_TRACKING_IDLE_S")
+    if not text:
+        return DEFAULT_IDLE_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        _stderr(f"tracking: warning: SHORTCUT_TRACKING_IDLE_S={text!r} is not a number of seconds >= 0; "
+                f"using {DEFAULT_IDLE_TIMEOUT_S:.0f}")
+        return DEFAULT_IDLE_TIMEOUT_S
+    return value
+
+
 class LocalServer:
     """The framework's own MLflow server for one work directory (see module docstring).
 
@@ -173,8 +196,7 @@ class LocalServer:
 
     def __init__(self, state_dir: str | Path, *, idle_timeout: float | None = None, log: Callable = _stderr):
         self.dir = Path(state_dir).resolve()
-        env_idle = os.environ.get("SHORTCUT_TRACKING_IDLE_S")
-        self.idle_timeout = idle_timeout if idle_timeout is not None else float(env_idle or DEFAULT_IDLE_TIMEOUT_S)
+        self.idle_timeout = idle_timeout if idle_timeout is not None else idle_timeout_from_env()
         self.log = log
         self.lease: Path | None = None
 
@@ -197,13 +219,19 @@ class LocalServer:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def state(self) -> dict | None:
-        """The server.json of a live, healthy server, else None."""
+        """The server.json of a live, healthy server, else None. A live supervisor's server that is slow
+        to answer (a loaded machine) gets HEALTH_WAIT_S before it counts as hung."""
         try:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return None
-        if _pid_alive(int(state["pid"])) and healthy(state["uri"]):
-            return state
+        deadline = time.monotonic() + HEALTH_WAIT_S
+        while _pid_alive(int(state["pid"])):
+            if healthy(state["uri"]):
+                return state
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         return None
 
     def acquire(self, *, keep: bool = False, port: int | None = None) -> str:
@@ -211,6 +239,7 @@ class LocalServer:
         with self._locked():
             state = self.state()
             if state is None:
+                self._stop_strays()  # a hung server, or one left by an older version: one store, one server
                 state = self._start(port)
             if keep and not state.get("keep"):
                 state["keep"] = True
@@ -237,27 +266,37 @@ class LocalServer:
         # the lease that keeps the new server from idling out before acquire() records its own
         starting = leases / f"{os.getpid()}-starting"
         starting.touch()
+        supervisor_file = self.dir / "supervisor.json"
+        supervisor_file.unlink(missing_ok=True)
         log_file = open(self.dir / "server.log", "ab")
         cmd = [sys.executable, "-m", "orchestration.tracking", "_supervise", "--state-dir", str(self.dir),
                "--port", str(port), "--idle-timeout", str(self.idle_timeout)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+        # The launcher forks the supervisor off and exits at once (see _supervise): the supervisor is
+        # nobody's child, so neither a killed starter nor a Ray worker's exit takes it down.
+        launcher = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=Path(__file__).resolve().parents[1])
         log_file.close()
         deadline = time.monotonic() + START_TIMEOUT_S
+        supervisor: dict = {}
         try:
-            while not healthy(uri, timeout=1.0):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the MLflow server exited (code {proc.returncode}) before answering; "
-                                       f"see {self.dir / 'server.log'}")
+            while not (supervisor and healthy(uri, timeout=1.0)):
+                with contextlib.suppress(OSError, ValueError):
+                    supervisor = supervisor or json.loads(supervisor_file.read_text())
+                gone = (not _pid_alive(supervisor["pid"])) if supervisor else launcher.poll() not in (None, 0)
+                if gone:
+                    raise RuntimeError(f"the MLflow server exited before answering; see {self.dir / 'server.log'}")
                 if time.monotonic() > deadline:
-                    _kill_group(proc.pid)
+                    if supervisor:
+                        _kill_group(supervisor["pid"])
                     raise RuntimeError(f"the MLflow server did not answer within {START_TIMEOUT_S:.0f}s; "
                                        f"see {self.dir / 'server.log'}")
                 time.sleep(0.25)
         finally:
             starting.unlink(missing_ok=True)
-        state = {"uri": uri, "port": port, "pid": proc.pid, "started": time.time(), "keep": False,
-                 "backend_store_uri": f"sqlite:///{self.dir / 'mlflow.db'}",
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launcher.wait(5)
+        state = {"uri": uri, "port": port, "pid": supervisor["pid"], "server_pid": supervisor["server_pid"],
+                 "started": time.time(), "keep": False, "backend_store_uri": f"sqlite:///{self.dir / 'mlflow.db'}",
                  "artifacts_destination": str(self.dir / "artifacts"), "idle_timeout_s": self.idle_timeout}
         _write_json(self.state_file, state)
         (self.dir / "last_port").write_text(str(port))
@@ -275,34 +314,62 @@ class LocalServer:
         except (OSError, ValueError):
             return None
 
+    def _stray_groups(self) -> list[int]:
+        """Process groups of this store's supervisors and servers (its uvicorn worker shares the group)."""
+        store, own = f"sqlite:///{self.dir / 'mlflow.db'}", os.getpgid(0)
+        groups = set()
+        for pid in _pids():
+            cmd = _cmdline(pid)
+            if store in cmd or ("_supervise" in cmd and str(self.dir) in cmd):
+                with contextlib.suppress(OSError):
+                    groups.add(os.getpgid(pid))
+        return sorted(groups - {own})
+
+    def _stop_strays(self) -> bool:
+        groups = self._stray_groups()
+        for pgid in groups:
+            self.log(f"tracking: stopping a tracking server of {self.dir} that no supervisor looks after "
+                     f"(process group {pgid})")
+            _kill_group(pgid)
+        return bool(groups)
+
     def stop(self) -> bool:
         """Stop the server now (whoever started it); True if one was running."""
         with self._locked():
-            try:
-                state = json.loads(self.state_file.read_text())
-            except (OSError, ValueError):
-                return False
-            pid = int(state["pid"])
-            running = _pid_alive(pid)
-            if running:
-                _kill_group(pid)
+            running = False
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(json.loads(self.state_file.read_text())["pid"])
+                if _pid_alive(pid):
+                    _kill_group(pid)
+                    running = True
             self.state_file.unlink(missing_ok=True)
-            return running
+            return self._stop_strays() or running
 
 
-def _kill_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by `pid` (a supervisor we started), SIGKILL if it lingers."""
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _kill_group(pgid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the process group `pgid` (a supervisor's), SIGKILL whatever lingers; waits until it is empty."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
-                return
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+                os.waitpid(-pgid, os.WNOHANG)
+            if not _group_members(pgid):
+                return
             time.sleep(0.1)
 
 
@@ -316,21 +383,65 @@ def _group_members(pgid: int) -> list[int]:
     return out
 
 
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux prctl(2); a no-op elsewhere."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def _die_with(parent: int) -> None:
+    """preexec_fn of the server: it gets SIGTERM when its supervisor dies, however the supervisor dies."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _same_dir(path: Path, inode: int) -> bool:
+    try:
+        return path.stat().st_ino == inode
+    except OSError:
+        return False
+
+
 def _supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
-    """Run ``mlflow server`` on 127.0.0.1:port and stop it when no live lease is left (or on SIGTERM)."""
+    """Run ``mlflow server`` on 127.0.0.1:port and stop it when no live lease is left for `idle_timeout`
+    seconds, when `state_dir` is deleted, or on SIGTERM.
+
+    Why it detaches: Ray kills a worker's child processes when the worker exits, and a starter may be
+    SIGKILLed; a supervisor that is their child dies with them and leaves an unsupervised server behind
+    (re-parented to init). So the launcher forks the supervisor off and exits; the supervisor leads its
+    own session (out of reach of process-group kills); the server gets SIGTERM when the supervisor dies
+    (PR_SET_PDEATHSIG) and forwards it to its uvicorn worker; anything the server orphans is re-parented
+    to the supervisor (a child subreaper) and stopped with it.
+    """
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    inode = state_dir.stat().st_ino
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
            "--artifacts-destination", str(state_dir / "artifacts")]
     # No job-execution runner (GenAI jobs, unused here): fewer processes, and nothing but the server's
     # own worker touches the SQLite file.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+    me = os.getpid()
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=lambda: _die_with(me))
+    _write_json(state_dir / "supervisor.json", {"pid": me, "server_pid": child.pid, "port": port})
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
     idle_since = None
     while not stopping and child.poll() is None:
         time.sleep(1.0)
+        if not _same_dir(state_dir, inode):
+            print(f"tracking supervisor: {state_dir} was deleted; stopping", flush=True)
+            break
         leases = [p for p in (state_dir / "leases").glob("*") if _pid_alive(int(p.name.split("-")[0]))]
         try:
             keep = json.loads((state_dir / "server.json").read_text()).get("keep", False)
@@ -352,11 +463,14 @@ def _supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
             child.kill()
             child.wait()
     for pid in _group_members(os.getpgid(0)):  # anything the server left behind in our process group
-        if pid != os.getpid():
+        if pid != me:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # reap what was re-parented to us
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
     with contextlib.suppress(OSError, ValueError):
-        if json.loads((state_dir / "server.json").read_text()).get("pid") == os.getpid():
+        if json.loads((state_dir / "server.json").read_text()).get("pid") == me:
             (state_dir / "server.json").unlink()
     return 0
 

@@ -91,6 +91,22 @@ def init_distributed(d: Distributed) -> None:
     jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
 
 
+def enable_compilation_cache(workdir: str) -> None:
+    """XLA's persistent compilation cache in <workdir>/jax_cache (unless $JAX_COMPILATION_CACHE_DIR names
+    one): a later run of the same programs (another seed of a spec, a rerun, the students' samplers)
+    loads the executables instead of compiling them again. The executables are the same, so are the
+    results; a digits run makes ~200 compilations, most of them small (hence no minimum compile time)."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(Path(workdir) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bool = False,
             tracking: Tracking = Tracking(), results_dir: str | None = None, hooks: tuple = (),
             distributed: Distributed | None = None) -> dict:
@@ -100,6 +116,7 @@ def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bo
         init_distributed(distributed)
     import jax
 
+    enable_compilation_cache(workdir)
     from orchestration.tracking import make_tracker
     from shortcut.run import run
     from shortcut.spec import validate
@@ -113,7 +130,7 @@ def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bo
         record = run(spec, workdir=workdir, smoke=smoke, eval_only=eval_only, tracker=listeners)
     finally:
         listeners.close()
-    result = outcome(record)
+    result = outcome(record, tracked=tracker is not None and tracking.enabled)
     if lead and record["status"] == "finished":
         result["exported"] = export(record, results_dir)
     return result
@@ -132,7 +149,7 @@ def export(record: dict, results_dir: str | None) -> str | None:
     return str(path) if path else None
 
 
-def outcome(record: dict) -> dict[str, Any]:
+def outcome(record: dict, *, tracked: bool = True) -> dict[str, Any]:
     """What the driver needs of a run record: identity, status, final metrics and a printable summary."""
     last_step = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
     return {
@@ -140,23 +157,49 @@ def outcome(record: dict) -> dict[str, Any]:
         "status": record["status"], "error": record.get("error"), "stopped": record.get("stopped"),
         "smoke": record.get("smoke", False),
         "evaluation": [e for e in record.get("evaluation", []) if e["train_step"] == last_step],
-        "timings": record.get("timings", {}), "summary": summary(record),
+        "timings": record.get("timings", {}), "summary": summary(record, tracked=tracked),
     }
 
 
-def summary(record: dict) -> str:
-    """A few lines: where the run is, its training time and loss, and each step count's metric."""
+def summary(record: dict, *, tracked: bool = True) -> str:
+    """A few lines: where the run is, its training time and loss, each step count's metric and, when the
+    run was tracked, its MLflow page."""
     lines = [f"{record['name']} {record['status']}: {record['run_dir']}"]
     final = (record.get("train") or {}).get("final")
     if final:
         lines.append(f"  train: {record['train']['steps']} steps in {record['timings']['train_s']:.0f}s, "
                      f"final loss {final['loss']:.4f}")
     last_step = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
-    values = {e["num_steps"]: e for e in record.get("evaluation", []) if e["train_step"] == last_step}
-    for n, s in (record.get("samples") or {}).items():
-        e = values.get(int(n))
+    last = [e for e in record.get("evaluation", []) if e["train_step"] == last_step]
+    for n, s in (record.get("samples") or {}).items():  # keyed "<N>", or "<N>_w<w>" for one of several scales
+        e = next((e for e in last if e["num_steps"] == (s["num_steps"] if "num_steps" in s else int(n))
+                  and s.get("cfg_scale", e.get("cfg_scale")) == e.get("cfg_scale")), None)
         metric = f"{e['metric']} {e['value']:8.3f}" if e and e.get("value") is not None else "no metric"
         if e and "class_accuracy" in e:
             metric += f", class accuracy {e['class_accuracy']:.3f}"
         lines.append(f"  {n:>4} step(s) ({s['network_evaluations']} NFE): {metric}   grid {s['grid']}")
-    return "\n".join(lines)
+    return "\n".join(lines + (tracking_lines(record) if tracked else []))
+
+
+def tracking_lines(record: dict) -> list[str]:
+    """The run's MLflow page; for the work directory's own server, which stops when no run uses it, also
+    the command that brings it back (at the same address, so the link works again)."""
+    import json
+    from pathlib import Path
+
+    from orchestration.tracking import RUN_ID_FILE
+
+    rundir = Path(record["run_dir"])
+    try:
+        info = json.loads((rundir / RUN_ID_FILE).read_text())
+        uri, url = str(info["tracking_uri"]).rstrip("/"), f"#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+    except (OSError, ValueError, KeyError):
+        return []
+    if not uri.startswith(("http://", "https://")):
+        return []
+    lines = [f"  tracking: {uri}/{url}"]
+    workdir = rundir.parents[1]
+    if uri.startswith("http://127.0.0.1:") and (workdir / "mlflow").is_dir():
+        lines.append(f"    (the local server stops when idle; `shortcut_tracking server start --workdir {workdir}` "
+                     "brings it back at this address)")
+    return lines

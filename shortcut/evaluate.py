@@ -53,26 +53,35 @@ def load_metric(spec: Spec) -> Metric | None:
     if ev.metric == "none":
         return None
     if ev.metric == "fd_digits":
-        from shortcut.evaluation import DigitsFeatureNet
+        return digits_metric(class_conditional=spec.data.num_classes > 0)
+    path = Path(ev.reference_stats) if ev.reference_stats else default_reference_path(spec)
+    return fid_metric(path, ev.inception_weights, verify=ev.verify_inception,
+                      how_to_make=f"Compute them once over the whole dataset with\n    fid_stats {spec.name}\n(or set "
+                                  "eval.reference_stats to an existing file).")
 
-        net = DigitsFeatureNet.load()
-        ref = net.reference_stats()
-        digest = hashlib.sha256(np.ascontiguousarray(ref.mu).tobytes() + np.ascontiguousarray(ref.sigma).tobytes())
-        return Metric("fd_digits", net, ref, digest.hexdigest(), classifier=net if spec.data.num_classes else None)
 
+def digits_metric(class_conditional: bool = True) -> Metric:
+    """fd_digits against the whole digits dataset (and the classifier for class accuracy)."""
+    from shortcut.evaluation import DigitsFeatureNet
+
+    net = DigitsFeatureNet.load()
+    ref = net.reference_stats()
+    digest = hashlib.sha256(np.ascontiguousarray(ref.mu).tobytes() + np.ascontiguousarray(ref.sigma).tobytes())
+    return Metric("fd_digits", net, ref, digest.hexdigest(), classifier=net if class_conditional else None)
+
+
+def fid_metric(reference_path: Path, weights: str | None = None, verify: bool = True, how_to_make: str = "") -> Metric:
+    """FID against a reference statistics file, with the FID Inception (`verify`: the standard weights)."""
     from shortcut.evaluation import InceptionFeatureNet, ReferenceStats
     from shortcut.evaluation.inception_weights import STANDARD
 
-    net = InceptionFeatureNet.load(ev.inception_weights, expected_sha256=STANDARD if ev.verify_inception else None)
-    path = Path(ev.reference_stats) if ev.reference_stats else default_reference_path(spec)
-    if not path.exists():
-        raise EvaluationSetupError(
-            f"FID reference statistics not found: {path}. Compute them once over the whole dataset with\n"
-            f"    fid_stats {spec.name}\n(or set eval.reference_stats to an existing file).")
-    ref = ReferenceStats.load(path)
+    net = InceptionFeatureNet.load(weights, expected_sha256=STANDARD if verify else None)
+    if not Path(reference_path).exists():
+        raise EvaluationSetupError(f"FID reference statistics not found: {reference_path}. {how_to_make}".strip())
+    ref = ReferenceStats.load(reference_path)
     ref.check_feature_net(net.name, net.sha256)
-    note = "" if ev.verify_inception else ("pipeline test: Inception weights not verified as the standard FID "
-                                           "weights, so this is not an FID score")
+    note = "" if verify else ("pipeline test: Inception weights not verified as the standard FID "
+                              "weights, so this is not an FID score")
     return Metric("fid", net, ref, ref.file_sha256, note=note)
 
 
@@ -89,11 +98,9 @@ def smoke_metric(spec: Spec) -> Metric | None:
 
     net = InceptionFeatureNet(random_inception_variables(0), "random-init (smoke)", image_size=75)
     images = make_mock_iterator(image_shape=spec.pixel_shape, num_classes=0, batch_size=16, seed=spec.seed + 7)
-    stats = RunningStats(net.dim)
-    for _ in range(2):
-        stats.update(net(next(images)["image"]))
-    ref = ReferenceStats.from_running_stats(stats, {"dataset": "mock", "feature_net": net.name,
-                                                    "feature_net_sha256": net.sha256})
+    features = np.concatenate([net(next(images)["image"]) for _ in range(2)])
+    ref = ReferenceStats.from_running_stats(RunningStats(net.dim).update(features), {
+        "dataset": "mock", "feature_net": net.name, "feature_net_sha256": net.sha256}, features)
     return Metric("fid_smoke", net, ref, "mock", note="--smoke: random Inception weights at 75 px and statistics of "
                   "random images stand in for FID's; a pipeline check, not an FID")
 
@@ -109,46 +116,66 @@ class _Accuracy:
             self.count += len(labels)
 
 
+def _sample_writer(spec: Spec, path: Path):
+    """With `eval.save_samples`, the writer of a setting's sample file (sample_files.py layout)."""
+    if not spec.eval.save_samples:
+        return None
+    from shortcut.sample_files import SampleFileWriter
+
+    size = spec.data.image_size
+    return SampleFileWriter(path, spec.eval.num_samples, (size, size), with_labels=spec.data.num_classes > 0)
+
+
 def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, objective, train_step: int,
              rundir: Path, log: Callable[[str], None] = print,
              decode: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[dict], dict]:
-    """Sample at each of `eval.steps`, save a grid per step count and, with a metric, compute it.
+    """Sample at each of the spec's evaluation settings (step count N, guidance w: `eval.settings()`),
+    save a grid per setting and, with a metric, compute it. `params` are the ones `eval.params` names.
     `decode` maps latent samples to images (latent specs) before the grids and the metric.
 
-    Returns (evaluation entries, {N: sample info}). Partial feature statistics are checkpointed
-    under rundir/eval/, so a killed evaluation continues where it stopped.
+    Returns (evaluation entries, {setting's samples_key: sample info}). Partial feature statistics
+    are checkpointed under rundir/eval/, so a killed evaluation continues where it stopped.
     """
-    from shortcut.evaluation import compute_fid
+    from shortcut.evaluation.sample_metrics import compute_sample_metrics, score_names
 
     ev = spec.eval
-    common = dict(shape=spec.input_shape, num_classes=spec.data.num_classes, cfg_scale=ev.cfg_scale,
-                  seed=spec.seed + 1)
     entries, samples = [], {}
-    for n in ev.steps:
+    for setting in ev.settings():
+        n, w = setting.num_steps, setting.cfg_scale
+        common = dict(shape=spec.input_shape, num_classes=spec.data.num_classes, cfg_scale=w, seed=spec.seed + 1)
         t0 = time.perf_counter()
         grid_images, _ = sample_range(sampler, params, 0, ev.grid_size, num_steps=n, **common)
-        grid = save_grid(decode(grid_images) if decode else grid_images, rundir / "samples" / f"steps_{n}.png")
-        samples[str(n)] = {"grid": str(grid), "network_evaluations": objective.network_evaluations(n, ev.cfg_scale)}
+        grid = save_grid(decode(grid_images) if decode else grid_images,
+                         rundir / "samples" / f"steps_{setting.samples_key}.png")
+        samples[setting.samples_key] = {"grid": str(grid), "num_steps": n, "cfg_scale": w, "params": ev.params,
+                                        "network_evaluations": objective.network_evaluations(n, w)}
         if metric is None:
             continue
         accuracy = _Accuracy(metric.classifier)
+        writer = _sample_writer(spec, rundir / "samples" / f"steps_{setting.samples_key}.npz")
 
         def batches(start: int, count: int) -> np.ndarray:
             images, labels = sample_range(sampler, params, start, ev.batch_size, num_steps=n, **common)
             images, labels = images[:count], labels[:count]
             images = decode(images) if decode else images
             accuracy.update(images, labels)
+            if writer is not None:
+                writer.write(start, images, labels)
             return images
 
-        result = compute_fid(
+        result = compute_sample_metrics(
             batches, ev.num_samples, ev.batch_size, metric.reference, metric.net,
-            checkpoint_path=rundir / "eval" / f"{metric.name}_step{train_step}_{n}steps.npz",
-            fingerprint=f"{spec.hash()}:{train_step}:{n}:{ev.cfg_scale}:{spec.seed + 1}:ema",
+            checkpoint_path=rundir / "eval" / f"{metric.name}_step{train_step}_{setting.key}_{ev.params}.npz",
+            fingerprint=f"{spec.hash()}:{train_step}:{n}:{w}:{spec.seed + 1}:{ev.params}",
             progress=sys.stderr.isatty() and not os.environ.get("CI"))
+        if writer is not None:  # samples a resumed evaluation did not regenerate
+            for start, count in writer.missing(ev.batch_size):
+                batches(start, count)
+            samples[setting.samples_key]["samples_file"] = str(writer.finish())
         entry = {
-            "train_step": train_step, "num_steps": n, "metric": metric.name, "value": result.value,
-            "num_samples": ev.num_samples, "cfg_scale": ev.cfg_scale, "seed": spec.seed + 1, "params": "ema",
-            "network_evaluations": objective.network_evaluations(n, ev.cfg_scale),
+            "train_step": train_step, "num_steps": n, "setting": setting.key, "metric": metric.name,
+            "value": result.value, **result.record, "num_samples": ev.num_samples, "cfg_scale": w,
+            "seed": spec.seed + 1, "params": ev.params, "network_evaluations": objective.network_evaluations(n, w),
             **metric.net.provenance(), "reference_stats_sha256": metric.reference_sha256,
             "reference_provenance": metric.reference.provenance, "seconds": time.perf_counter() - t0,
         }
@@ -158,6 +185,7 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
             entry["note"] = metric.note
         entries.append(entry)
         extra = f", class accuracy {entry['class_accuracy']:.3f}" if accuracy.count else ""
-        log(f"step {train_step}: {metric.name} at {n} step(s) = {result.value:.3f} "
+        extra += "".join(f", {k} {v:.3f}" for k, v in result.record.items() if k in score_names(metric.net.name))
+        log(f"step {train_step}: {metric.name} at {n} step(s), w = {w:g}, {ev.params} params = {result.value:.3f} "
             f"({ev.num_samples} samples, {entry['seconds']:.1f}s{extra})")
     return entries, samples

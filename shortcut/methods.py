@@ -36,7 +36,7 @@ class KeyedValueError(ValueError):
 class MethodConfig(BaseModel):
     """Settings every method shares; each objective extends this with its own `Config`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf/nan are never a setting
 
     name: str
     denoise_timesteps: int = Field(default=128, ge=2, description="M, the finest number of steps")

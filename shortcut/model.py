@@ -9,6 +9,20 @@ How d enters its embedder is set by ``DiT.d_conditioning`` (see ``d_embedder_inp
 "level" feeds k = -log2(d) (what the official code does: d = 1/128 -> 7.0, d = 1 -> 0.0);
 "step_size" feeds d itself (the paper's notation). Both require d > 0.
 
+``DiT.architecture`` picks one of two networks with the same inputs and outputs:
+"dit" is the standard DiT (adaLN-Zero, fused qkv, 1/sqrt(head_dim) attention, float32 residual
+stream); "official" computes the function of the official shortcut code's ``model.DiT``
+(kvfrans/shortcut-models @6010043): attention logits scaled by 1/head_dim with the softmax in
+float32, separate q/k/v projections, xavier (not zero) adaLN kernels in the blocks, the residual
+stream in the compute dtype and the t/d embedders' second layer and the conditioning in float32.
+Its parameter tree is the official one renamed (orchestration/import_checkpoint.py maps it),
+without the official ``Embed_0`` (a log-variance table the official network builds but never uses
+in its output).
+
+Attention runs in jax's fused cuDNN kernel on a CUDA GPU when it supports the call (see
+``attention_implementation``) and in XLA otherwise; the XLA path of "official" is the official
+code's own order of operations, so on CPU the two networks match the official one to rounding.
+
 Layouts: images are NHWC. Tokens are patches in row-major order (token index = row * gw + col),
 and each token's p*p*C values are ordered (row-in-patch, col-in-patch, channel), the same
 order the patch-embedding convolution reads them in.
@@ -25,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "ARCHITECTURES",
     "MODEL_SIZES",
     "D_CONDITIONING_MODES",
     "DiT",
@@ -33,8 +48,11 @@ __all__ = [
     "LabelEmbedder",
     "PatchEmbed",
     "TimestepEmbedder",
+    "attention",
+    "attention_implementation",
     "count_params",
     "d_embedder_input",
+    "default_platform",
     "get_2d_sincos_pos_embed",
     "make_dit",
     "patchify",
@@ -50,6 +68,8 @@ MODEL_SIZES: dict[str, dict] = {
 }
 
 D_CONDITIONING_MODES = ("level", "step_size")
+ARCHITECTURES = ("official", "dit")
+
 
 # Initialisers as in DiT's PyTorch code.
 _xavier = nn.initializers.xavier_uniform()
@@ -67,26 +87,29 @@ _zeros = nn.initializers.zeros
 # --------------------------------------------------------------------------------------------
 
 
-def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000.0**omega
-    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+def _1d_sincos(embed_dim: int, pos, xp, dtype):
+    omega = xp.arange(embed_dim // 2, dtype=dtype) / dtype(embed_dim / 2.0)
+    omega = 1.0 / dtype(10000.0) ** omega
+    out = pos.reshape(-1).astype(dtype)[:, None] * omega[None]
+    return xp.concatenate([xp.sin(out), xp.cos(out)], axis=1)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, in_float32: bool = False):
     """Fixed 2-D sin-cos positional embedding (MAE / DiT formula), shape [grid_h*grid_w, embed_dim].
 
     Tokens are row-major. The first half of the channels encodes the column (w) coordinate,
     the second half the row (h) coordinate; each half is [sin(pos*omega), cos(pos*omega)]
     with omega_i = 10000^(-i / (embed_dim/4)). Requires embed_dim % 4 == 0.
+    Computed with numpy in float64 and returned as float32; with ``in_float32``, computed by jax in
+    float32 throughout, as the official code does (it differs by up to ~1e-6).
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be a multiple of 4 for 2-D sin-cos, got {embed_dim}")
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-    emb_w = _1d_sincos(embed_dim // 2, cols)
-    emb_h = _1d_sincos(embed_dim // 2, rows)
-    return np.concatenate([emb_w, emb_h], axis=1).astype(np.float32)
+    xp, dtype = (jnp, jnp.float32) if in_float32 else (np, np.float64)
+    rows, cols = xp.meshgrid(xp.arange(grid_h), xp.arange(grid_w), indexing="ij")
+    emb_w = _1d_sincos(embed_dim // 2, cols, xp, dtype)
+    emb_h = _1d_sincos(embed_dim // 2, rows, xp, dtype)
+    return xp.concatenate([emb_w, emb_h], axis=1).astype(np.float32)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -146,6 +169,43 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def default_platform() -> str:
+    """The default backend as "cuda", "rocm", "cpu" or "tpu" (jax calls both GPU kinds "gpu")."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+    return backend
+
+
+def attention_implementation(platform: str, dtype: Any, head_dim: int) -> str:
+    """"cudnn" (jax's fused cuDNN attention) where it supports the call: a CUDA GPU, float16/bfloat16
+    inputs, head_dim a multiple of 8 and at most 128 (the limit before Hopper); "xla" otherwise."""
+    fused_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform == "cuda" and fused_dtype and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, architecture: str = "dit",
+              implementation: str = "xla") -> jax.Array:
+    """Multi-head self-attention of [B, N, heads, head_dim] q, k, v (output of the same shape).
+
+    "dit" scales the logits by 1/sqrt(head_dim), "official" by 1/head_dim. The "xla" path of
+    "official" keeps the official order of operations (q divided in the compute dtype, logits cast
+    to float32 for the softmax, probabilities times v in float32); "cudnn" computes the same
+    function in one fused kernel, to the rounding of its bfloat16 inputs.
+    """
+    scale = 1.0 / q.shape[-1] if architecture == "official" else 1.0 / math.sqrt(q.shape[-1])
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"attention implementation must be xla or cudnn, got {implementation!r}")
+    if architecture == "official":
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q / q.shape[-1], k).astype(jnp.float32)
+        return jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
@@ -175,13 +235,15 @@ class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_embedding_size: int = 256
     dtype: Any = jnp.float32
+    out_dtype: Any = None  # the second layer's compute dtype; None: `dtype`
 
     @nn.compact
     def __call__(self, s):
         x = timestep_embedding(s, self.frequency_embedding_size)
         x = nn.Dense(self.hidden_size, kernel_init=_normal02, bias_init=_zeros, dtype=self.dtype)(x)
         x = nn.silu(x)
-        return nn.Dense(self.hidden_size, kernel_init=_normal02, bias_init=_zeros, dtype=self.dtype)(x)
+        out_dtype = self.dtype if self.out_dtype is None else self.out_dtype
+        return nn.Dense(self.hidden_size, kernel_init=_normal02, bias_init=_zeros, dtype=out_dtype)(x)
 
 
 class LabelEmbedder(nn.Module):
@@ -201,26 +263,34 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block: gated self-attention and gated MLP, modulated by c."""
+    """Transformer block: gated self-attention and gated MLP, modulated by c (adaLN-Zero for "dit";
+    for "official" the modulation kernel is xavier-initialised and q, k, v are separate layers)."""
 
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    architecture: str = "dit"
+    attention_impl: str = "xla"  # "xla" or "cudnn", see attention_implementation
 
     @nn.compact
     def __call__(self, x, c):
         h, nh = self.hidden_size, self.num_heads
-        mod = nn.Dense(6 * h, kernel_init=_zeros, bias_init=_zeros, dtype=self.dtype, name="adaLN_modulation")
+        official = self.architecture == "official"
+        mod = nn.Dense(6 * h, kernel_init=_xavier if official else _zeros, bias_init=_zeros, dtype=self.dtype,
+                       name="adaLN_modulation")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod(nn.silu(c)), 6, axis=-1)
 
         y = nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
         y = _modulate(y, shift_msa, scale_msa)
-        # One fused qkv projection, xavier over [h, 3h] exactly as DiT/timm's Attention.
-        qkv = nn.Dense(3 * h, kernel_init=_xavier, bias_init=_zeros, dtype=self.dtype, name="qkv")(y)
-        b, n, _ = qkv.shape
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, nh, h // nh), 3, axis=2)
-        y = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        b, n, _ = y.shape
+        if official:  # three projections, each xavier over [h, h]
+            q, k, v = (nn.Dense(h, kernel_init=_xavier, bias_init=_zeros, dtype=self.dtype, name=name)(y)
+                       .reshape(b, n, nh, h // nh) for name in ("query", "key", "value"))
+        else:  # one fused qkv projection, xavier over [h, 3h] exactly as DiT/timm's Attention
+            qkv = nn.Dense(3 * h, kernel_init=_xavier, bias_init=_zeros, dtype=self.dtype, name="qkv")(y)
+            q, k, v = (a[:, :, 0] for a in jnp.split(qkv.reshape(b, n, 3, nh, h // nh), 3, axis=2))
+        y = attention(q, k, v, self.architecture, self.attention_impl)
         y = nn.Dense(h, kernel_init=_xavier, bias_init=_zeros, dtype=self.dtype, name="proj")(y.reshape(b, n, h))
         x = x + gate_msa[:, None] * y
 
@@ -253,8 +323,11 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer conditioned on time t, step size d and class label.
 
-    Parameters are always float32; ``dtype`` is the compute dtype (float32 or bfloat16);
-    the output is always float32. The residual stream is kept in float32 as well.
+    Parameters are always float32; ``dtype`` is the compute dtype (float32 or bfloat16); the
+    output is returned as float32. For "dit" the residual stream and the conditioning are float32
+    too; for "official" the residual stream is in ``dtype`` (as is the output before the exact cast
+    to float32) and the conditioning is float32, as in the official code.
+    ``attention_impl``: "auto" (``attention_implementation`` for the default device), "xla" or "cudnn".
     """
 
     hidden_size: int
@@ -266,6 +339,8 @@ class DiT(nn.Module):
     mlp_ratio: float = 4.0
     d_conditioning: str = "level"
     dtype: Any = jnp.float32
+    architecture: str = "dit"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, t, d, labels):
@@ -273,26 +348,37 @@ class DiT(nn.Module):
         (num_classes = null class). Returns the velocity, [B,H,W,out_channels] float32."""
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        official = self.architecture == "official"
+        head_dim = self.hidden_size // self.num_heads
+        impl = (attention_implementation(default_platform(), self.dtype, head_dim) if self.attention_impl == "auto"
+                else self.attention_impl)
         b, hgt, wid, _ = x.shape
         p = self.patch_size
         if hgt % p or wid % p:
             raise ValueError(f"image size {hgt}x{wid} not divisible by patch size {p}")
         gh, gw = hgt // p, wid // p
 
-        # Constant, not a parameter: computed with numpy from static shapes at trace time.
-        pos = get_2d_sincos_pos_embed(self.hidden_size, gh, gw)
+        # Constant, not a parameter: computed from static shapes at trace time.
+        pos = get_2d_sincos_pos_embed(self.hidden_size, gh, gw, in_float32=official)
         self.sow("intermediates", "pos_embed", pos)
         h = PatchEmbed(self.hidden_size, p, dtype=self.dtype, name="x_embedder")(x)
-        h = h.astype(jnp.float32) + jnp.asarray(pos)[None]
+        if official:  # the residual stream in the compute dtype from here on
+            h = (h.astype(jnp.float32) + jnp.asarray(pos)[None]).astype(self.dtype)
+        else:
+            h = h.astype(jnp.float32) + jnp.asarray(pos)[None]
 
-        t_emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
+        out_dtype = jnp.float32 if official else None  # official: float32 second layer, float32 conditioning
+        t_emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, out_dtype=out_dtype, name="t_embedder")(t)
         d_in = d_embedder_input(d, self.d_conditioning)
-        d_emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="d_embedder")(d_in)
+        d_emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, out_dtype=out_dtype, name="d_embedder")(d_in)
         y_emb = LabelEmbedder(self.num_classes, self.hidden_size, dtype=self.dtype, name="y_embedder")(labels)
-        c = t_emb + d_emb + y_emb
+        c = t_emb + y_emb + d_emb if official else t_emb + d_emb + y_emb  # the official summation order
 
         for i in range(self.depth):
-            h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"block_{i}")(h, c)
+            h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                         architecture=self.architecture, attention_impl=impl, name=f"block_{i}")(h, c)
         h = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer")(h, c)
         return unpatchify(h.astype(jnp.float32), p, gh, gw)
 
@@ -305,6 +391,7 @@ def make_dit(
     patch_size: int = 2,
     d_conditioning: str = "level",
     dtype: Any = jnp.float32,
+    architecture: str = "dit",
     **overrides,
 ) -> DiT:
     """Build a DiT of a named size ("tiny", "S", "B", "XL"); ``overrides`` replace any field."""
@@ -315,7 +402,7 @@ def make_dit(
     kwargs = dict(MODEL_SIZES[size])
     kwargs.update(
         out_channels=out_channels, num_classes=num_classes, patch_size=patch_size,
-        d_conditioning=d_conditioning, dtype=dtype,
+        d_conditioning=d_conditioning, dtype=dtype, architecture=architecture,
     )
     kwargs.update(overrides)
     return DiT(**kwargs)

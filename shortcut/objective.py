@@ -15,7 +15,12 @@ Choices where the paper and the official code differ (official default kept unle
   * flow rows use t on the grid {0, 1/M, .., (M-1)/M} and are conditioned on d = 1/M (the paper
     writes d = 0); 128-step sampling uses the same level.
   * the path has no 1e-5 offset (the official code uses x_t = (1-(1-1e-5)t) x0 + t x1): paper form.
-  * bootstrap_fraction defaults to the paper's 0.25 (Table 3); the official code uses 1/8.
+  * bootstrap_fraction defaults to the paper's 0.25 (Table 3) and the levels are spread evenly
+    (`bootstrap_levels: even`); the official code uses 1/8 with floor(nb / K) rows per level and the
+    remainder at d = 1 (`bootstrap_levels: official`), which the CelebA-HQ / ImageNet specs follow.
+  * bootstrap and flow rows are disjoint slices of the batch (the official code takes its flow rows
+    from the first 7/8 of the batch, so the first eighth is used twice and the last never), and draw
+    their own times and noise (the official code reuses the keys).
   * the intermediate point and the bootstrap target are clipped to [-4, 4] like the official code
     (`bootstrap_clip`, None disables it).
 """
@@ -23,7 +28,7 @@ Choices where the paper and the official code differ (official default kept unle
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +150,10 @@ class Objective:
 
 class ShortcutConfig(MethodConfig):
     bootstrap_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch with bootstrap targets")
+    bootstrap_levels: Literal["even", "official"] = Field(
+        default="even", description="how bootstrap rows are spread over the K = log2(M) levels: even (counts differ "
+        "by at most one, the remainder to the coarsest levels) or official (floor(n / K) rows per level, the "
+        "remainder at d = 1, as the official code)")
     bootstrap_ema: bool = Field(default=True, description="build bootstrap targets with the EMA parameters")
     bootstrap_cfg: bool = Field(default=False, description="finest bootstrap level uses CFG with cfg_scale")
     cfg_scale: float = Field(default=1.5, description="w for bootstrap_cfg")
@@ -170,13 +179,17 @@ class ShortcutObjective(Objective):
         return int(round(batch_size * self.config.bootstrap_fraction))
 
     def bootstrap_levels(self, n: int) -> np.ndarray:
-        """Static levels for n bootstrap rows: spread evenly over k = 0..K-1, finest level first.
+        """Static levels k (d = 2^-k, k = 0..K-1) for n bootstrap rows, finest level first.
 
-        Counts differ by at most one; the remainder goes to the coarsest levels (1 step first),
-        as in the official code. Finest first lets bootstrap_cfg guide a static slice of rows.
+        `even`: counts differ by at most one, the remainder to the coarsest levels (1 step first).
+        `official`: floor(n / K) rows per level, the whole remainder at k = 0 (d = 1); with n < K only
+        d = 1 is trained. Finest first lets bootstrap_cfg guide a static slice of rows.
         """
         counts = np.full(self.num_levels, n // self.num_levels)
-        counts[: n % self.num_levels] += 1
+        if self.config.bootstrap_levels == "even":
+            counts[: n % self.num_levels] += 1
+        else:
+            counts[0] += n % self.num_levels
         return np.repeat(np.arange(self.num_levels), counts)[::-1].copy()
 
     def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
@@ -196,12 +209,17 @@ class ShortcutObjective(Objective):
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
         x_t = interpolate(x0, x1, t)
         teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
-        v = jax.lax.stop_gradient(self._bootstrap_target(ctx.apply_fn, teacher, x_t, t, d, y, levels))
+        v = jax.lax.stop_gradient(self.bootstrap_target(ctx.apply_fn, teacher, x_t, t, levels, y))
         boot = Targets(x_t, t, d, y, v, jnp.ones((nb,), jnp.int32))
         return Targets(*(jnp.concatenate([a, f]) for a, f in zip(boot[:6], flow[:6])))
 
-    def _bootstrap_target(self, apply_fn, params, x_t, t, d, labels, levels) -> jax.Array:
+    def bootstrap_target(self, apply_fn: ApplyFn, params, x_t: jax.Array, t: jax.Array, levels: np.ndarray,
+                         labels: jax.Array) -> jax.Array:
+        """The self-consistency target (v1 + v2) / 2 for rows at static `levels` (finest first, as from
+        `bootstrap_levels`), clipped like the official code; with bootstrap_cfg the finest level's rows
+        are guided with cfg_scale."""
         cfg = self.config
+        d = jnp.asarray(2.0 ** -np.asarray(levels), jnp.float32)
         half = d / 2
         n_cfg = int(np.sum(levels == self.num_levels - 1)) if cfg.bootstrap_cfg else 0
         velocity = functools.partial(self._velocity, apply_fn, params, n_cfg=n_cfg)

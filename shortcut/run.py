@@ -25,7 +25,7 @@ from shortcut import methods, stages
 from shortcut.checkpoint import Checkpointer
 from shortcut.evaluate import evaluate, load_metric, smoke_metric
 from shortcut.sampling import make_sampler
-from shortcut.sharding import DataParallel
+from shortcut.sharding import Parallel
 from shortcut.spec import Spec, SpecError, validate
 from shortcut.train import (StopTraining, build_model, init_state, make_apply_fn, make_optimizer, make_train_step,
                             restore, train)
@@ -47,7 +47,7 @@ def smoke_version(spec: Spec) -> Spec:
     tree["model"] = dict(tree["model"], size=None, hidden_size=32, depth=2, num_heads=2, dtype="float32")
     tree["train"] = dict(tree["train"], steps=4, batch_size=8, log_every=2, checkpoint_every=2)
     tree["eval"] = dict(tree["eval"], num_samples=8, batch_size=8, grid_size=8)
-    tree["resources"] = {"cpus": 1, "gpus": 0, "tpus": 0, "hosts": 1}
+    tree["resources"] = {"cpus": 1, "gpus": 0, "tpus": 0, "hosts": 1, "sharding": spec.resources.sharding}
     if tree["data"].get("latent"):
         tree["data"]["latent"] = dict(tree["data"]["latent"], batch_size=8)
     smoke_method = getattr(methods.objective_class(spec.method.name), "smoke_method", None)  # e.g. fewer reflow pairs
@@ -80,7 +80,7 @@ def write_json(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def make_data(spec: Spec, smoke: bool, dp: DataParallel, codec=None, rundir: Path | None = None, log=print):
+def make_data(spec: Spec, smoke: bool, codec=None, rundir: Path | None = None, log=print):
     """The training iterator (per-process batches), after checking the data matches the spec. With a
     latent spec, batches are latents: encoded on the fly, or sampled from the pre-encoded dataset."""
     per_process = spec.train.batch_size // jax.process_count()
@@ -185,7 +185,7 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
         record["evaluation_note"] = (metric.note if metric else
                                      "--smoke: mock data has no reference statistics, so no metric")
     codec = make_codec(spec, smoke, record)
-    dp = DataParallel.create(spec.train.batch_size)
+    parallel = Parallel.create(spec.train.batch_size, spec.resources.sharding)
     # A `teacher:` spec is found finished in the same work directory or trained first (shortcut/stages.py).
     teacher = stages.resolve_teacher(spec, rundir.parents[1], smoke=smoke, train_missing=not eval_only, log=log)
     if teacher is not None:
@@ -194,12 +194,12 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     data = None
     if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
         data = stages.training_data(spec, objective, teacher, rundir, log=log)
-        data = make_data(spec, smoke, dp, codec, rundir, log) if data is None else data
+        data = make_data(spec, smoke, codec, rundir, log) if data is None else data
     model = build_model(spec)
     apply_fn = make_apply_fn(model)
     optimizer = make_optimizer(spec.optimizer)
     state = init_state(spec, model, optimizer, objective, teacher_params=teacher.params if teacher else None)
-    state = dp.replicate(stages.start_from_teacher(spec, state, objective, teacher))
+    state = parallel.place(stages.start_from_teacher(spec, state, objective, teacher))
 
     overview = parameter_overview.get_parameter_overview(state.params, include_stats=False)
     (rundir / "params.txt").write_text(overview + "\n")
@@ -215,7 +215,8 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     def evaluate_at(state, step: int) -> None:
         checkpointer.wait()  # the checkpoint of this step is complete before hooks hear of the evaluation
         t = time.perf_counter()
-        entries, samples = evaluate(spec, metric, sampler, state.ema_params, objective=objective, train_step=step,
+        params = state.ema_params if spec.eval.params == "ema" else state.params
+        entries, samples = evaluate(spec, metric, sampler, params, objective=objective, train_step=step,
                                     rundir=rundir, log=log, decode=codec.decode if codec else None)
         record["evaluation"] = [e for e in record["evaluation"] if e["train_step"] != step] + entries
         record["samples"] = samples
@@ -227,15 +228,16 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     checkpointer = Checkpointer(rundir / "checkpoints", keep=spec.train.keep_checkpoints)
     try:
         if eval_only:
-            step = checkpointer.latest_step()
-            if step is None:
+            like = state
+            found = checkpointer.restore_latest(lambda step: restore(checkpointer, step, like), log=log)
+            if found is None:
                 raise UnsupportedError(f"--eval-only: no checkpoint in {checkpointer.directory}; train first")
-            state, _ = restore(checkpointer, step, state)
+            step, (state, _) = found
             log(f"evaluating the checkpoint at step {step}")
         else:
-            train_step = make_train_step(apply_fn, objective, optimizer, spec)
-            result = train(spec, state, train_step, data, checkpointer, shard=dp.shard, log=log, on_eval=evaluate_at,
-                           on_log=tracker.log_metrics if tracker is not None else lambda m: None)
+            train_step = make_train_step(apply_fn, objective, optimizer, spec, parallel, state)
+            result = train(spec, state, train_step, data, checkpointer, shard=parallel.shard, log=log,
+                           on_eval=evaluate_at, on_log=tracker.log_metrics if tracker is not None else lambda m: None)
             state = result.state
             record["resumed_from"] = result.resumed_from
             timings["train_s"] = result.seconds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +22,13 @@ def make_sampler(objective: Objective, apply_fn: ApplyFn) -> Callable:
     return sample
 
 
-def sample_labels(start: int, count: int, num_classes: int) -> np.ndarray:
-    """Intended classes cycle 0..C-1 (so grids show every class); unconditional data uses the null class 0."""
+def sample_labels(start: int, count: int, num_classes: int, classes: Sequence[int] | None = None) -> np.ndarray:
+    """Intended classes cycle 0..C-1 (so grids show every class), or through `classes` when given;
+    unconditional data uses the null class 0."""
     if num_classes == 0:
         return np.zeros((count,), np.int32)
-    return (np.arange(start, start + count) % num_classes).astype(np.int32)
+    cycle = np.arange(num_classes) if classes is None else np.asarray(classes)
+    return cycle[np.arange(start, start + count) % len(cycle)].astype(np.int32)
 
 
 def noise_for(start: int, count: int, shape: tuple[int, ...], seed: int) -> jax.Array:
@@ -39,9 +41,10 @@ def noise_for(start: int, count: int, shape: tuple[int, ...], seed: int) -> jax.
 
 
 def sample_range(sampler: Callable, params, start: int, count: int, *, shape: tuple[int, ...], num_classes: int,
-                 num_steps: int, cfg_scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Samples start..start+count-1 and their intended labels, as numpy arrays."""
-    labels = sample_labels(start, count, num_classes)
+                 num_steps: int, cfg_scale: float, seed: int,
+                 classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Samples start..start+count-1 and their intended labels (see sample_labels), as numpy arrays."""
+    labels = sample_labels(start, count, num_classes, classes)
     out = sampler(params, noise_for(start, count, shape, seed), jnp.asarray(labels), num_steps=num_steps,
                   cfg_scale=cfg_scale)
     return np.asarray(out), labels

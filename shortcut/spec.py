@@ -15,10 +15,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pydantic
 import yaml
@@ -30,18 +31,28 @@ from shortcut.methods import KeyedValueError
 EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
 HASHED_SECTIONS = ("seed", "data", "model", "method", "optimizer", "train")
 LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
+# Keys added after runs were recorded, hashed only away from the value all earlier runs had, so that
+# adding a key keeps the hash (and run directory) of every existing spec.
+KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_levels"): "even",
+                        ("method", "sample_level"): "step_size"}
 
 
 class SpecError(Exception):
     """A spec problem, reported as one line: `<file>: <key>: <what was expected>`."""
 
     def __init__(self, source: str, key: str, message: str):
+        source, key, message = (_one_line(x) for x in (source, key, message))  # whatever a user or parser put in
         self.source, self.key, self.message = source, key, message
         super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
 
 
+def _one_line(text: str) -> str:
+    """`text` on one printable line: whitespace runs become one space, other control characters escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(str(text).split()))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf/nan are never a setting
 
 
 class LatentSpec(_Section):
@@ -73,6 +84,16 @@ class DataSpec(_Section):
     shuffle_buffer: int = Field(default=10_000, ge=1)
     latent: LatentSpec | None = None
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from shortcut.data.names import unknown_dataset
+
+        message = unknown_dataset(name)
+        if message:
+            raise KeyedValueError("data.dataset", message)
+        return name
+
 
 class ModelSpec(_Section):
     size: Literal["tiny", "S", "B", "XL"] | None = None
@@ -83,6 +104,9 @@ class ModelSpec(_Section):
     patch_size: int = Field(default=2, ge=1)
     d_conditioning: Literal["level", "step_size"] = "level"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    architecture: Literal["official", "dit"] = Field(
+        default="dit", description="official: the function of the official code's model.DiT (1/head_dim attention "
+        "logits, separate q/k/v, xavier adaLN in blocks, its dtype behaviour); dit: the standard DiT (adaLN-Zero)")
 
     @model_validator(mode="after")
     def _resolve_size(self) -> "ModelSpec":
@@ -117,12 +141,36 @@ class TrainSpec(_Section):
     keep_checkpoints: int = Field(default=2, ge=1)
 
 
+class EvalSetting(NamedTuple):
+    """One evaluation: N sampling steps at guidance w. `key` names it in records and metric names:
+    `<N>_steps`, or `<N>_steps_w<w>` for each scale of a step count evaluated at several."""
+
+    num_steps: int
+    cfg_scale: float
+    key: str
+
+    @property
+    def samples_key(self) -> str:
+        """The key of its sample grid in run.json's `samples` (`128`, `128_w1.5`) and file `steps_<key>.png`."""
+        return self.key.replace("_steps", "")
+
+
 class EvalSpec(_Section):
+    """Evaluation protocol: `steps` (sampling step counts) and, per step count, guidance `cfg_scale` w:
+    one number for all, or a mapping `{128: [1.0, 1.5], 4: 1.0, 1: 1.0}` (a list evaluates that step
+    count once per scale; the first fills its table column, the others add columns)."""
+
     steps: tuple[int, ...] = (128, 4, 1)
     num_samples: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=256, ge=1)
-    cfg_scale: float = Field(default=1.0, description="classifier-free guidance w; 1 = no guidance")
+    cfg_scale: float | dict[int, float | tuple[float, ...]] = Field(
+        default=1.0, description="classifier-free guidance w (1 = no guidance): a number, or a mapping from step "
+        "count to w or to a list of w")
+    params: Literal["ema", "online"] = Field(default="ema", description="evaluate the EMA parameters (paper) or the "
+                                             "online ones (the official training-time evaluation's default)")
     grid_size: int = Field(default=64, ge=1, description="samples shown in each PNG grid")
+    save_samples: bool = Field(default=False, description="also write each setting's evaluation samples to "
+                               "samples/steps_<N>.npz (arr_0 uint8 [N, H, W, 3], arr_1 labels: the ADM layout)")
     metric: Literal["none", "fd_digits", "fid"] = "none"
     every: int | None = Field(default=None, ge=1, description="also evaluate every N training steps")
     reference_stats: str | None = Field(default=None, description="fid: reference statistics file (default: "
@@ -130,6 +178,51 @@ class EvalSpec(_Section):
     inception_weights: str | None = Field(default=None, description="fid: weights file (default: standard lookup)")
     verify_inception: bool = Field(default=True, description="require the standard FID weights' sha256; false "
                                    "only for pipeline tests with other weights (the record says so)")
+
+    @field_validator("cfg_scale", mode="before")
+    @classmethod
+    def _cfg_scale_shape(cls, value: Any) -> Any:
+        expected = ("expected a number or a mapping from step count to w or to a list of w, "
+                    "e.g. {128: [1.0, 1.5], 4: 1.0}")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if number(value):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(expected)
+        for n, w in value.items():
+            if not (isinstance(n, int) or (isinstance(n, str) and n.isdigit())):
+                raise KeyedValueError("eval.cfg_scale", f"{expected}; {n!r} is not a step count")
+            if not (number(w) or (isinstance(w, list) and w and all(number(x) for x in w) and len(set(w)) == len(w))):
+                raise KeyedValueError(f"eval.cfg_scale.{n}",
+                                      f"expected a number or a list of distinct numbers, got {w!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cfg_scale(self) -> "EvalSpec":
+        if isinstance(self.cfg_scale, dict):
+            steps = set(self.steps)
+            for n, w in self.cfg_scale.items():
+                if n not in steps:
+                    raise KeyedValueError(f"eval.cfg_scale.{n}", f"{n} steps is not in eval.steps {list(self.steps)}")
+            missing = [n for n in self.steps if n not in self.cfg_scale]
+            if missing:
+                raise KeyedValueError("eval.cfg_scale", f"no scale for {missing[0]} steps (in eval.steps); give one "
+                                      "per step count, or one number for all")
+        return self
+
+    def scales(self, num_steps: int) -> tuple[float, ...]:
+        """The guidance scales N steps are evaluated at."""
+        w = self.cfg_scale[num_steps] if isinstance(self.cfg_scale, dict) else self.cfg_scale
+        return tuple(float(x) for x in w) if isinstance(w, tuple) else (float(w),)
+
+    def settings(self) -> tuple[EvalSetting, ...]:
+        """Every (step count, scale) to evaluate, in `steps` order."""
+        out = []
+        for n in self.steps:
+            scales = self.scales(n)
+            for w in scales:
+                out.append(EvalSetting(n, w, f"{n}_steps" if len(scales) == 1 else f"{n}_steps_w{w:g}"))
+        return tuple(out)
 
 
 class ResourcesSpec(_Section):
@@ -140,6 +233,9 @@ class ResourcesSpec(_Section):
     gpus: float = Field(default=0, ge=0, description="GPUs per worker; a fraction < 1 shares one device")
     tpus: int = Field(default=0, ge=0, description="TPU chips per worker (one worker per TPU host)")
     hosts: int = Field(default=1, ge=1, description="workers, one per host, joined by jax.distributed")
+    sharding: Literal["dp", "fsdp"] = Field(default="dp", description="dp: state replicated on every device; "
+                                            "fsdp: parameters, EMA and optimizer state sharded over the devices "
+                                            "(shortcut/sharding.py); the batch is split over the devices either way")
 
     @model_validator(mode="after")
     def _check(self) -> "ResourcesSpec":
@@ -183,6 +279,8 @@ class SweepSpec(_Section):
             kind, values = next(iter(dist.items()))
             if not values:
                 raise KeyedValueError(where, f"{kind}: needs values")
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise KeyedValueError(where, f"{kind}: values must be finite, got {values}")
             if kind in ("uniform", "loguniform"):
                 if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
                     raise KeyedValueError(where, f"{kind}: expected [low, high] with low < high, got {values}")
@@ -259,6 +357,9 @@ class Spec(_Section):
         content = self.model_dump(mode="json", include=set(HASHED_SECTIONS))
         for key in LATENT_KEYS_NOT_HASHED:  # where files are and how they are batched do not change the model
             (content["data"].get("latent") or {}).pop(key, None)
+        for (section, key), earlier in KEYS_HASHED_WHEN_SET.items():
+            if content[section].get(key) == earlier:
+                del content[section][key]
         if self.teacher is not None:
             content["teacher"] = self.teacher_spec().hash()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
@@ -290,6 +391,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+# What YAML text can raise besides YAMLError: a date that does not exist (`2024-02-30`, ValueError), a
+# file that is not UTF-8 (UnicodeDecodeError, a ValueError), nesting deeper than Python's recursion limit.
+_YAML_VALUE_ERRORS = (ValueError, RecursionError)
+
+
 def parse_value(text: str) -> Any:
     """Parse an override value the way YAML would (`4` -> int, `1e-4` -> float, `[1, 4]` -> list)."""
     return yaml.load(text, Loader=_Loader)
@@ -299,7 +405,7 @@ def is_table_file(path: Path) -> bool:
     """A table spec lists `experiments:` (orchestration/graph.py) instead of describing one run."""
     try:
         raw = yaml.load(Path(path).read_text(), Loader=_Loader)
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError, *_YAML_VALUE_ERRORS):
         return False
     return isinstance(raw, dict) and "experiments" in raw
 
@@ -314,12 +420,19 @@ def list_tables(root: Path = EXPERIMENTS_DIR) -> list[str]:
     return sorted(p.stem for p in root.glob("*.yaml") if is_table_file(p))
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
+        return False
+
+
 def spec_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml") and _exists(path):
         return path
     candidate = root / f"{name}.yaml"
-    if candidate.exists():
+    if _exists(candidate):
         return candidate
     known = ", ".join(list_specs(root) + list_tables(root)) or "(none)"
     raise SpecError(name, "", f"no such spec in {root}; known specs: {known}")
@@ -334,6 +447,12 @@ def _read_yaml(path: Path) -> dict:
         raise SpecError(str(path), "", f"invalid YAML: {where}{getattr(e, 'problem', e)}") from None
     except OSError as e:
         raise SpecError(str(path), "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), "", f"not a YAML text file (byte {e.start} is not UTF-8)") from None
+    except RecursionError:
+        raise SpecError(str(path), "", "invalid YAML: nested too deeply") from None
+    except ValueError as e:  # e.g. a date that does not exist
+        raise SpecError(str(path), "", f"invalid YAML value: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -379,8 +498,12 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+def _shorten(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _apply_override(tree: dict, override: str, origin: dict) -> None:
-    source = f"--set {override}"
+    source = f"--set {_shorten(override)}"
     if "=" not in override:
         raise SpecError(source, "", "expected KEY=VALUE, e.g. --set model.depth=4")
     key, text = override.split("=", 1)
@@ -395,8 +518,9 @@ def _apply_override(tree: dict, override: str, origin: dict) -> None:
         node = child
     try:
         node[parts[-1]] = parse_value(text)
-    except yaml.YAMLError as e:
-        raise SpecError(source, key, f"cannot parse value {text!r}: {e}") from None
+    except (yaml.YAMLError, *_YAML_VALUE_ERRORS) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise SpecError(source, key, f"cannot parse value {_shorten(text)!r}: {reason}") from None
     origin[key.strip()] = source
 
 
@@ -414,13 +538,17 @@ def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path
     return validate(tree, origin, default_source=_display(path))
 
 
+# parts of a pydantic error location that name a union member or validator, not a key: `float`, `tuple[...]`
+_UNION_TAG = re.compile(r"^(function-.*|float|int|str|bool|none|\w+\[.*\])$")
+
+
 def validate(tree: dict, origin: dict[str, str], default_source: str) -> Spec:
     """Validate a merged tree; errors name the file (or override) that set the offending key."""
     try:
         return Spec.model_validate(tree)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        key = ".".join(str(p) for p in err["loc"] if not _UNION_TAG.match(str(p)))
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, KeyedValueError):
             key, message = ctx_error.key, ctx_error.message

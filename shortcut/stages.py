@@ -99,9 +99,12 @@ def resolve_teacher(spec: Spec, workdir: str | Path, *, smoke: bool = False, tra
     return Teacher(effective, tdir, step, params)
 
 
-def load_ema_params(checkpoint_dir: Path) -> tuple[Any, int]:
-    """EMA parameters of the latest checkpoint, read without knowing the rest of that run's state."""
+def load_ema_params(checkpoint_dir: Path, which: str = "ema_params") -> tuple[Any, int]:
+    """EMA parameters (or with which="params" the online ones) of the latest checkpoint, read without
+    knowing the rest of that run's state."""
     import orbax.checkpoint as ocp
+
+    from shortcut.checkpoint import describe_error, quiet_orbax_echoes
 
     if not checkpoint_dir.exists():
         raise TeacherError(f"no checkpoints in {checkpoint_dir}")
@@ -110,10 +113,16 @@ def load_ema_params(checkpoint_dir: Path) -> tuple[Any, int]:
         step = manager.latest_step()
         if step is None:
             raise TeacherError(f"no checkpoints in {checkpoint_dir}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        quiet_orbax_echoes()
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception as e:  # noqa: BLE001 - a damaged file: say which checkpoint, not a traceback
+            raise TeacherError(f"the teacher's latest checkpoint {checkpoint_dir / str(step)} cannot be read "
+                               f"({describe_error(e)}); remove that directory and rerun to train that step "
+                               "again") from None
     finally:
         manager.close()
-    return jax.tree.map(jnp.asarray, restored["state"]["ema_params"]), int(step)
+    return jax.tree.map(jnp.asarray, restored["state"][which]), int(step)
 
 
 def _uses_student_model(objective) -> bool:

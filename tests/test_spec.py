@@ -52,18 +52,45 @@ def test_shipped_specs_all_load():
 
 @pytest.mark.parametrize("name", ["celeba_ditb_shortcut", "imagenet_ditb_shortcut"])
 def test_paper_specs_follow_table3(name):
+    """Table 3 where the official code agrees; its targets, network and evaluation protocol where not."""
     s = load_spec(name)
     assert (s.model.hidden_size, s.model.depth, s.model.num_heads, s.model.patch_size, s.model.mlp_ratio) == \
         (768, 12, 12, 2, 4.0)
+    assert s.model.architecture == "official"
     assert (s.optimizer.lr, s.optimizer.weight_decay, s.optimizer.ema_decay) == (1e-4, 0.1, 0.999)
-    assert s.method.denoise_timesteps == 128 and s.method.bootstrap_fraction == 0.25 and s.method.bootstrap_ema
+    assert s.method.denoise_timesteps == 128 and s.method.bootstrap_ema
+    assert (s.method.bootstrap_fraction, s.method.bootstrap_levels) == (0.125, "official")
+    paper = load_spec(name, ["method.bootstrap_fraction=0.25", "method.bootstrap_levels=even"]).method
+    assert (paper.bootstrap_fraction, paper.bootstrap_levels) == (0.25, "even")
     assert s.data.latent.scale == 0.18215 and s.input_shape == (32, 32, 4)
-    assert s.eval.num_samples == 50_000 and s.eval.steps == (128, 4, 1)
+    assert s.eval.num_samples == 50_000 and s.eval.steps == (128, 4, 1) and s.eval.params == "ema"
     if name.startswith("celeba"):
         assert (s.train.batch_size, s.train.steps, s.data.num_classes) == (64, 400_000, 0)
+        assert [(e.num_steps, e.cfg_scale) for e in s.eval.settings()] == [(128, 1.0), (4, 1.0), (1, 1.0)]
     else:
-        assert (s.train.batch_size, s.train.steps, s.data.num_classes, s.eval.cfg_scale) == (256, 800_000, 1000, 1.5)
-        assert s.method.bootstrap_cfg and s.method.class_dropout == 0.1
+        assert (s.train.batch_size, s.train.steps, s.data.num_classes) == (256, 800_000, 1000)
+        assert s.method.bootstrap_cfg and s.method.cfg_scale == 1.5 and s.method.class_dropout == 0.1
+        # guidance distilled into the bootstrap levels: w = 1 at 4 and 1 steps; 128 steps at both scales
+        assert [(e.num_steps, e.cfg_scale, e.key) for e in s.eval.settings()] == [
+            (128, 1.5, "128_steps_w1.5"), (128, 1.0, "128_steps_w1"), (4, 1.0, "4_steps"), (1, 1.0, "1_steps")]
+
+
+def test_eval_cfg_scale_number_or_mapping():
+    s = load_spec("digits_shortcut", ["eval.cfg_scale=2"])
+    assert [(e.num_steps, e.cfg_scale, e.key) for e in s.eval.settings()] == [
+        (128, 2.0, "128_steps"), (4, 2.0, "4_steps"), (1, 2.0, "1_steps")]
+    s = load_spec("digits_shortcut", ["eval.cfg_scale={128: [1, 3], 4: 1.5, 1: 1}", "eval.params=online"])
+    assert [(e.num_steps, e.cfg_scale) for e in s.eval.settings()] == [(128, 1.0), (128, 3.0), (4, 1.5), (1, 1.0)]
+    assert [e.samples_key for e in s.eval.settings()] == ["128_w1", "128_w3", "4", "1"] and s.eval.params == "online"
+    for override, key, expected in [
+            ("eval.cfg_scale={128: 1, 4: 1}", "eval.cfg_scale", "no scale for 1 steps"),
+            ("eval.cfg_scale={128: 1, 4: 1, 1: 1, 32: 2}", "eval.cfg_scale.32", "32 steps is not in eval.steps"),
+            ("eval.cfg_scale={128: [1, 1], 4: 1, 1: 1}", "eval.cfg_scale.128", "distinct numbers"),
+            ("eval.cfg_scale=[1, 2]", "eval.cfg_scale", "a number or a mapping"),
+            ("eval.params=best", "eval.params", "'ema' or 'online'")]:
+        with pytest.raises(SpecError) as e:
+            load_spec("digits_shortcut", [override])
+        assert e.value.key == key and expected in e.value.message, str(e.value)
 
 
 def test_ditxl_spec():

@@ -72,19 +72,35 @@ def test_tables_match_hand_computed_cells(results, tmp_path):
     sc1 = values[(values["method"] == "shortcut") & (values["num_steps"] == 1)].iloc[0]
     assert sc1["ours_mean"] == pytest.approx(5.0) and sc1["ours_std"] == pytest.approx(np.std([4, 6], ddof=1))
     assert sc1["ours_n"] == 2
+    # the values file keeps each seed: seed 2 has no 1-step value
+    assert sc1["ours_seeds"] == "0,1" and (sc1["ours_seed_0"], sc1["ours_seed_1"]) == (4.0, 6.0)
+    assert pd.isna(sc1["ours_seed_2"])
+    sc128 = values[(values["method"] == "shortcut") & (values["num_steps"] == 128)].iloc[0]
+    assert (sc128["ours_seed_0"], sc128["ours_seed_1"], sc128["ours_seed_2"]) == (1.0, 2.0, 3.0)
 
     celeba = _md_rows((tables / "table1_celebahq256_fid.md").read_text())
     ours = celeba["Shortcut Models"]
     assert ours[0] == "DiT-B/2"
     assert ours[1:4] == ["7.12", "14.50", "21.00"]
-    assert ours[4:] == ["6.9", "13.8", "20.5"]  # official README sanity table, beside ours
-    assert celeba["Consistency Training"] == ["DiT-B/2"] + ["-"] * 6  # unconfirmed Table 1 cells stay empty
+    assert ours[4:] == ["6.9", "13.8", "20.5"]  # the paper's Table 1 (CelebA-HQ), beside ours
+    assert celeba["Consistency Training"] == ["DiT-B/2", "-", "-", "-", "53.7", "19.0", "33.2"]
+    # the paper's parenthesised cells ("not intended to support") keep their parentheses
+    assert celeba["Progressive Distillation"][4:] == ["(302.9)", "(251.3)", "14.8"]
+    assert celeba["Flow Matching"][4:] == ["7.3", "(63.3)", "(280.5)"]
     celeba_md = (tables / "table1_celebahq256_fid.md").read_text()
+    assert "Frans et al. 2025, Table 1 (CelebA-HQ), as reprinted in" in celeba_md
+    assert "not intended to support" in celeba_md
+    celeba_values = pd.read_csv(tables / "table1_celebahq256_fid_values.csv")
+    pd128 = celeba_values[(celeba_values["method"] == "progressive_distillation") & (celeba_values["num_steps"] == 128)]
+    assert pd128["paper"].item() == 302.9 and bool(pd128["paper_unsupported"].item())
+    assert r"(302.9)" in (tables / "table1_celebahq256_fid.tex").read_text()
     assert "FID-10k 128-step (ours)" in celeba_md and "FID-50k 128-step (paper)" in celeba_md
     assert "different sample count" in celeba_md
     # ImageNet: no runs, the paper's rows still form the table (DiT-B and DiT-XL shortcut rows)
     imagenet = (tables / "table1_imagenet256_fid.md").read_text()
     assert "| Shortcut Models | DiT-XL/2 | - | - | - | 3.8 | 7.8 | 10.6 |" in imagenet
+    assert "| Reflow | DiT-B/2 | - | - | - | - | - | - |" in imagenet  # unconfirmed ImageNet cells stay empty
+    assert "machine-written summaries that disagree" in imagenet
 
     for name in ("steps_digits_fd_digits.png", "steps_celebahq256_fid.png", "samples_digits.png",
                  "samples_celebahq256.png"):
@@ -140,12 +156,58 @@ def test_paper_numbers_are_data_with_sources():
     paper = load_paper(REPO / "results")
     assert set(paper.columns) >= {"dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "source"}
     known = paper[paper["value"].notna()]
-    got = {(r.dataset, r.arch, int(r.num_steps)): r.value for r in known.itertuples()}
-    assert got == {("celebahq256", "DiT-B/2", 128): 6.9, ("celebahq256", "DiT-B/2", 4): 13.8,
-                   ("celebahq256", "DiT-B/2", 1): 20.5, ("imagenet256", "DiT-B/2", 128): 15.5,
-                   ("imagenet256", "DiT-B/2", 4): 28.3, ("imagenet256", "DiT-B/2", 1): 40.3,
-                   ("imagenet256", "DiT-XL/2", 128): 3.8, ("imagenet256", "DiT-XL/2", 4): 7.8,
-                   ("imagenet256", "DiT-XL/2", 1): 10.6}
-    assert known["source"].str.contains("README").all()
-    assert paper.loc[paper["value"].isna(), "note"].str.contains("not in the material").all()
+    got = {(r.dataset, r.method, r.arch, int(r.num_steps)): (r.value, r.unsupported) for r in known.itertuples()}
+    # shared/paper/table1-celebahq.txt: (value, in parentheses) at 128 / 4 / 1 steps
+    celeba = {"progressive_distillation": [(302.9, True), (251.3, True), (14.8, False)],
+              "consistency_distillation": [(59.5, False), (39.6, False), (38.2, False)],
+              "reflow": [(16.1, False), (18.4, False), (23.2, False)],
+              "diffusion": [(23.0, False), (123.4, True), (132.2, True)],
+              "flow_matching": [(7.3, False), (63.3, True), (280.5, True)],
+              "consistency_training": [(53.7, False), (19.0, False), (33.2, False)],
+              "live_reflow": [(6.3, False), (27.2, False), (43.3, False)],
+              "shortcut": [(6.9, False), (13.8, False), (20.5, False)]}
+    expected = {("celebahq256", m, "DiT-B/2", n): cell for m, cells in celeba.items()
+                for n, cell in zip((128, 4, 1), cells)}
+    for arch, cells in (("DiT-B/2", (15.5, 28.3, 40.3)), ("DiT-XL/2", (3.8, 7.8, 10.6))):
+        expected.update({("imagenet256", "shortcut", arch, n): (v, False) for n, v in zip((128, 4, 1), cells)})
+    assert got == expected
+    assert known.loc[known["dataset"] == "celebahq256", "source"].str.startswith(
+        "Frans et al. 2025, Table 1 (CelebA-HQ), as reprinted in").all()
+    assert known.loc[known["dataset"] == "imagenet256", "source"].str.contains("README").all()
+    empty = paper[paper["value"].isna()]
+    assert set(empty["dataset"]) == {"imagenet256"} and len(empty) == 21
+    assert empty["note"].str.contains("machine-written summaries that disagree").all()
     assert (paper["value"].dropna() != 0).all()
+
+
+def test_a_step_count_at_two_scales_gets_a_second_column(tmp_path):
+    """ImageNet's shortcut protocol (128 steps at w = 1.5, then at w = 1): the first scale fills the 128-step
+    column beside the other methods', the second gets its own column; the notes give each column's w."""
+    root = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "paper", root / "paper")
+    work = tmp_path / "runs"
+    specs = {}
+    for name, method in (("imagenet_ditb_shortcut", "shortcut"), ("imagenet_ditb_flow", "flow_matching")):
+        specs[method] = make_spec(name, method, "celebahq256", size="B", metric="fid", num_samples=50000)
+        specs[method]["data"].update(dataset="imagenet256", num_classes=1000)
+    guided = {"train_step": 100, "num_steps": 128, "setting": "128_steps_w1.5", "metric": "fid", "value": 15.0,
+              "num_samples": 50000, "cfg_scale": 1.5, "params": "ema"}
+    make_record(work, specs["shortcut"], {128: 20.0, 4: 30.0, 1: 40.0}, extra_evals=[guided])
+    make_record(work, specs["flow_matching"], {128: 18.0, 4: 90.0, 1: 200.0})
+    export_tree(work, root)
+    assert make_tables.main(["--results-dir", str(root)]) == 0
+    md = (root / "tables" / "table1_imagenet256_fid.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert "FID-50k 128-step (ours) | FID-50k 128-step, w = 1 (ours) | FID-50k 4-step (ours)" in header
+    assert "| Shortcut Models | DiT-B/2 | 15.00 | 20.00 | 30.00 | 40.00 | 15.5 | 28.3 | 40.3 |" in md
+    assert "| Flow Matching | DiT-B/2 | 18.00 | - | 90.00 | 200.00 |" in md
+    assert "Guidance scale w of our cells: 128-step: 1 / 1.5; 128-step, w = 1: 1; 4-step: 1; 1-step: 1" in md
+    values = pd.read_csv(root / "tables" / "table1_imagenet256_fid_values.csv", keep_default_na=False)
+    second = values[(values["row"] == "Shortcut Models") & (values["arch"] == "DiT-B/2")
+                    & (values["scale_column"] == "w = 1")]
+    assert second["num_steps"].tolist() == [128] and second["ours_mean"].astype(float).tolist() == [20.0]
+    colspec, tex_rows = _tabular((root / "tables" / "table1_imagenet256_fid.tex").read_text())
+    ncols = len(re.sub(r"[^lrc]", "", colspec))
+    for row in tex_rows:
+        cells = re.split(r"(?<!\\)&", row)
+        assert sum(int(m.group(1)) if (m := re.match(r"\s*\\multicolumn\{(\d+)\}", c)) else 1 for c in cells) == ncols

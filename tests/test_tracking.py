@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,15 +29,17 @@ TRAIN_KEYS = ("loss", "loss_flow", "loss_bootstrap", "grad_norm", "lr", "steps_p
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One framework-managed server (kept) for the module; stopped at the end."""
+    """One framework-managed server (kept) for the module. At the end its supervisor is SIGKILLed (no
+    clean-up of its own): the server and its uvicorn worker must end with it (PR_SET_PDEATHSIG)."""
     workdir = tmp_path_factory.mktemp("work")
     srv = LocalServer.for_workdir(workdir, idle_timeout=60, log=lambda s: None)
     uri = srv.acquire(keep=True)
     srv.release()
+    assert len(_store_processes(srv.dir)) >= 3  # supervisor, mlflow CLI, uvicorn
     yield workdir, uri
-    state = json.loads(srv.state_file.read_text())
-    assert srv.stop()
-    assert not _pid_alive(state["pid"]) and not srv.state_file.exists()
+    os.kill(json.loads(srv.state_file.read_text())["pid"], signal.SIGKILL)
+    assert _wait_until(lambda: not _store_processes(srv.dir), 30), _store_processes(srv.dir)
+    assert not healthy(uri)
 
 
 def _run_record_lifecycle(tracker: Tracker, record: dict, history: list[dict], status: str = "finished") -> None:
@@ -264,3 +267,86 @@ def test_run_experiment_logs_a_real_run(server, tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [10, 20]
     assert "fd_digits/1_steps" in run.data.metrics and "loss_bootstrap" in run.data.metrics
     assert list((tmp_path / "results" / "runs" / "digits_shortcut").glob("*.json"))
+
+
+# ------------------------------------------------------------------- the server never outlives its use
+
+def _store_processes(state_dir: Path) -> list[int]:
+    """Every live process of a store's supervisor and server (their process groups)."""
+    from orchestration.tracking import _group_members
+
+    return [pid for g in LocalServer(state_dir, log=lambda s: None)._stray_groups() for pid in _group_members(g)]
+
+
+def _wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def test_server_survives_a_sigkilled_starter_is_reused_and_stops_when_idle(tmp_path):
+    """The starting process is SIGKILLed: the server stays up for others, a second user reuses it (same
+    supervisor, same URI: one store, one server), and once nobody holds a lease it stops (idle 2 s)."""
+    state_dir = tmp_path / "mlflow"
+    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+              "from orchestration.tracking import LocalServer\n"
+              f"print(LocalServer({str(state_dir)!r}, idle_timeout=2, log=lambda s: None).acquire(), flush=True)\n"
+              "time.sleep(600)\n")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    uri = starter.stdout.readline().strip()
+    supervisor = json.loads((state_dir / "server.json").read_text())["pid"]
+    starter.kill()
+    starter.wait()
+    assert healthy(uri) and _pid_alive(supervisor)
+    second = LocalServer(state_dir, idle_timeout=2, log=lambda s: None)
+    assert second.acquire() == uri
+    assert json.loads((state_dir / "server.json").read_text())["pid"] == supervisor
+    time.sleep(4)  # longer than the idle timeout: the live lease keeps it up
+    assert healthy(uri)
+    second.release()
+    assert _wait_until(lambda: not _store_processes(state_dir), 40), _store_processes(state_dir)
+    assert not healthy(uri) and not (state_dir / "server.json").exists()
+
+
+def test_server_started_in_a_ray_worker_outlives_the_worker_and_stops_with_its_store(tmp_path):
+    """Ray kills a worker's children when the worker exits: the supervisor must not be one of them (it
+    was, and the orphaned server ran forever). The worker starts the server and exits without releasing
+    its lease; the server stays up (the lease was the worker's, idle 30 s); deleting the work directory
+    stops everything."""
+    workdir = tmp_path / "work"
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import ray
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+        @ray.remote(max_calls=1)
+        def start():
+            from orchestration.tracking import LocalServer
+            uri = LocalServer.for_workdir({str(workdir)!r}, idle_timeout=30, log=lambda s: None).acquire()
+            return uri, os.getpid()
+
+        uri, worker = ray.get(start.remote())
+        print(json.dumps({{"uri": uri, "worker": worker}}), flush=True)
+        import time
+        deadline = time.monotonic() + 60
+        while os.path.exists(f"/proc/{{worker}}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ray.shutdown()
+        print("worker gone", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "worker gone" in done.stdout, done.stdout
+    started = json.loads(done.stdout.splitlines()[0])
+    state = json.loads((workdir / "mlflow" / "server.json").read_text())
+    assert not _pid_alive(started["worker"])
+    assert _pid_alive(state["pid"]) and healthy(started["uri"]), "the supervisor died with the Ray worker"
+    assert int(Path(f"/proc/{state['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1]) != started["worker"]
+    shutil.rmtree(workdir)
+    assert _wait_until(lambda: not _store_processes(workdir / "mlflow"), 30), _store_processes(workdir / "mlflow")
+    assert not healthy(started["uri"])
+

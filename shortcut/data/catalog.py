@@ -36,6 +36,8 @@ def resolve_source(name: str) -> Source:
         return Source("digits", "digits")
     if name == "celebahq256":
         return Source("celebahq256", "celebahq256")
+    if name == "fashion_mnist_local":
+        return Source("fashion_mnist_local", "fashion_mnist_local")
     if name == "imagenet256":
         return Source("imagenet256", "imagenet2012", crop="adm", default_size=256)
     return Source(name, name)
@@ -61,13 +63,17 @@ def get_builder(source: Source, data_dir: str) -> tfds.core.DatasetBuilder:
         from shortcut.data.celebahq import CelebaHq256
 
         return CelebaHq256(data_dir=data_dir)
+    if source.tfds_name == "fashion_mnist_local":
+        from shortcut.data.fashion_mnist import FashionMnistLocal
+
+        return FashionMnistLocal(data_dir=data_dir)
     try:
         return tfds.builder(source.tfds_name, data_dir=data_dir, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"Unknown dataset {source.name!r}: not one of digits, celebahq256, imagenet256, "
-            f"and TensorFlow Datasets has no builder of that name ({e})."
-        ) from None
+    except tfds.core.registered.DatasetNotFoundError:
+        from shortcut.data.names import unknown_dataset
+
+        # one line with the nearest names; TFDS's own message lists its whole catalogue
+        raise ValueError(unknown_dataset(source.tfds_name) or f"unknown dataset {source.name!r}") from None
 
 
 def not_ready_message(source: Source, data_dir: str) -> str:
@@ -155,6 +161,11 @@ def load_builder(source: Source, data_dir: str) -> tfds.core.DatasetBuilder:
     if builder.is_prepared():
         return builder
     if source.tfds_name == "digits":
+        return prepare_builder(source, data_dir)
+    if source.tfds_name == "fashion_mnist_local":  # built offline from the Debian package's files
+        from shortcut.data.fashion_mnist import check_files
+
+        check_files()
         return prepare_builder(source, data_dir)
     raise DatasetNotReadyError(not_ready_message(source, data_dir))
 

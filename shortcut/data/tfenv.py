@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 
+from shortcut.quiet import native_stderr_hidden, quiet_tfds  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+with native_stderr_hidden():  # TF's C++ start-up lines (oneDNN, absl::InitializeLog) ignore the log level
+    import tensorflow as tf  # noqa: E402
 
 for _kind in ("GPU", "TPU"):
     try:
@@ -21,5 +24,7 @@ for _kind in ("GPU", "TPU"):
         pass
 
 import tensorflow_datasets as tfds  # noqa: E402
+
+quiet_tfds()
 
 __all__ = ["tf", "tfds"]

@@ -167,14 +167,20 @@ class DigitsFeatureNet:
     def logits(self, images) -> np.ndarray:
         return self._run(images)[1]
 
+    def outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(features [N, 64], logits [N, 10]) from one pass."""
+        return self._run(images)
+
     def reference_stats(self) -> ReferenceStats:
-        """Statistics of the entire digits dataset (1,797 images) in this feature space (cached)."""
+        """Statistics of the entire digits dataset (1,797 images) in this feature space (cached), with
+        every image's features as the precision/recall reference set."""
         if self._reference is None:
             images, _ = load_digits_data()
-            stats = RunningStats(HIDDEN[-1]).update(self.features(images))
+            features = self.features(images)
             self._reference = ReferenceStats.from_running_stats(
-                stats, {"dataset": "sklearn_digits", "split": "all", "feature_net": self.name,
-                        "feature_net_sha256": self.sha256})
+                RunningStats(HIDDEN[-1]).update(features),
+                {"dataset": "sklearn_digits", "split": "all", "feature_net": self.name,
+                 "feature_net_sha256": self.sha256}, features)
         return self._reference
 
     def provenance(self) -> dict[str, Any]:

@@ -20,7 +20,10 @@ from shortcut.evaluation.streaming import BatchesFn, compute_stats
 
 
 def _apply(model, image_size, variables, images):
-    return model.apply(variables, fid_preprocess(images, image_size))
+    pool3 = model.apply(variables["inception"], fid_preprocess(images, image_size))
+    if variables["logits_weight"] is None:
+        return pool3, None
+    return pool3, pool3 @ variables["logits_weight"]
 
 
 class InceptionFeatureNet:
@@ -29,34 +32,50 @@ class InceptionFeatureNet:
     ``features`` applies :func:`fid_preprocess` (bilinear resize to 299, clip) inside the
     jit-compiled, device-sharded function. ``sha256`` is the hash of the standard weights
     file the variables came from (for a converted .npz, the hash of its source).
+    ``outputs`` gives pool3 and, in the same pass, the 1008-way logits of the graph's
+    classification layer (inception_head.py) for the Inception Score, None without that layer.
     """
 
     name = "inception-v3-fid-2015-12-05-pool3"
     dim = POOL3_DIM
 
     def __init__(self, variables: dict, sha256: str, *, weights_path: Path | None = None,
-                 devices: Sequence[jax.Device] | None = None, image_size: int = FID_IMAGE_SIZE):
+                 devices: Sequence[jax.Device] | None = None, image_size: int = FID_IMAGE_SIZE,
+                 logits_weight: np.ndarray | None = None):
         self.sha256 = sha256
+        self.has_logits = logits_weight is not None
         self.weights_path = weights_path
+        self.weights_file = weights_path.name if weights_path is not None else None  # load() names the source
         self.image_size = image_size
         if image_size != FID_IMAGE_SIZE:  # only for cheap pipeline tests
             self.name = f"{InceptionFeatureNet.name}@{image_size}px"
-        self._fn = ShardedFeatureFn(functools.partial(_apply, FIDInceptionV3(), image_size), variables, devices)
+        self._fn = ShardedFeatureFn(functools.partial(_apply, FIDInceptionV3(), image_size),
+                                    {"inception": variables, "logits_weight": logits_weight}, devices)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, expected_sha256: str | None = iw.STANDARD,
              **kwargs) -> "InceptionFeatureNet":
         """Load verified weights (see :func:`inception_weights.load_inception_weights`)."""
+        from shortcut.evaluation.inception_head import load_logits_weight
+
         w = iw.load_inception_weights(path, expected_sha256)
-        return cls(w.variables, w.source_sha256, weights_path=w.path, **kwargs)
+        net = cls(w.variables, w.source_sha256, weights_path=w.path, logits_weight=load_logits_weight(w.path, w.fmt),
+                  **kwargs)
+        net.weights_file = w.source_name  # for a converted .npz: the file it was converted from
+        return net
 
     def features(self, images) -> np.ndarray:
+        return self._fn(images)[0]
+
+    def outputs(self, images) -> tuple[np.ndarray, np.ndarray | None]:
+        """(pool3 features [N, 2048], logits [N, 1008] or None), from one pass."""
         return self._fn(images)
 
     __call__ = features
 
     def provenance(self) -> dict[str, Any]:
         return {"feature_net": self.name, "feature_net_sha256": self.sha256,
+                "feature_net_weights": self.weights_file or "(in memory)",
                 "preprocess": f"jax.image.resize bilinear antialias=False to {self.image_size}, clip [-1,1]"}
 
 

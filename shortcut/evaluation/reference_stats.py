@@ -5,7 +5,9 @@ File format (.npz, no pickles):
 * ``mu``: float64 [D]; ``sigma``: float64 [D, D] (unbiased covariance); ``count``: int64;
 * ``provenance``: a JSON string with at least ``format``, ``dataset``, ``split``,
   ``feature_net`` and ``feature_net_sha256`` (plus whatever the caller adds, e.g. the
-  preprocessing and image size).
+  preprocessing and image size);
+* optionally ``features``: float32 [M, D], the features of the first M images, the reference
+  set of improved precision/recall (precision_recall.py).
 
 :meth:`ReferenceStats.load` also reads the official shortcut-models stats files, which
 hold only ``mu`` and ``sigma`` (their provenance is then empty and ``count`` is None).
@@ -34,11 +36,16 @@ class ReferenceStats:
     count: int | None
     provenance: dict[str, Any] = field(default_factory=dict)
     file_sha256: str | None = None  # set by load()
+    features: np.ndarray | None = None  # [M, D] reference features for precision/recall
 
     @classmethod
-    def from_running_stats(cls, stats: RunningStats, provenance: dict[str, Any]) -> "ReferenceStats":
+    def from_running_stats(cls, stats: RunningStats, provenance: dict[str, Any],
+                           features: np.ndarray | None = None) -> "ReferenceStats":
         prov = {"format": FORMAT, **provenance, "count": stats.count}
-        return cls(stats.mean, stats.cov, stats.count, prov)
+        if features is not None:
+            features = np.asarray(features, np.float32)
+            prov["precision_recall_features"] = len(features)
+        return cls(stats.mean, stats.cov, stats.count, prov, features=features)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_savez(
@@ -47,6 +54,7 @@ class ReferenceStats:
             sigma=np.asarray(self.sigma, np.float64),
             count=np.int64(-1 if self.count is None else self.count),
             provenance=np.array(json.dumps(self.provenance, sort_keys=True)),
+            **({} if self.features is None else {"features": np.asarray(self.features, np.float32)}),
         )
 
     @classmethod
@@ -62,9 +70,10 @@ class ReferenceStats:
             count = int(f["count"]) if "count" in f.files else -1
             prov = json.loads(str(f["provenance"])) if "provenance" in f.files else {}
             mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+            features = np.asarray(f["features"], np.float32) if "features" in f.files else None
         if sigma.shape != mu.shape * 2:
             raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
-        return cls(mu, sigma, None if count < 0 else count, prov, sha256_file(path))
+        return cls(mu, sigma, None if count < 0 else count, prov, sha256_file(path), features)
 
     def check_feature_net(self, name: str, sha256: str) -> None:
         """Raise if the provenance names another feature network (no-op when it names none)."""
@@ -89,17 +98,20 @@ def compute_reference_stats(
     extra_provenance: dict[str, Any] | None = None,
     path: str | os.PathLike | None = None,
     progress: bool | None = None,
+    keep_features: int = 0,
 ) -> ReferenceStats:
     """Stream dataset image batches (e.g. a TFDS iterator, in [-1, 1]) through ``feature_fn``.
 
     Batches smaller than the first one are zero-padded to its size before ``feature_fn``
-    (one compiled shape) and the padding dropped. Writes ``path`` if given. For a
+    (one compiled shape) and the padding dropped. Writes ``path`` if given. The features of
+    the first ``keep_features`` images are kept as the precision/recall reference set. For a
     resumable computation over a random-access source use ``compute_stats`` and then
     :meth:`ReferenceStats.from_running_stats`.
     """
     from tqdm.auto import tqdm
 
     stats: RunningStats | None = None
+    kept: list[np.ndarray] = []
     first = None
     for images in tqdm(batches, desc=f"reference {dataset}/{split}", unit="batch",
                        disable=not progress_enabled(progress)):
@@ -113,12 +125,15 @@ def compute_reference_stats(
         if stats is None:
             stats = RunningStats(feats.shape[-1])
         stats.update(feats)
+        if keep_features > sum(len(k) for k in kept):
+            kept.append(np.asarray(feats[:keep_features - sum(len(k) for k in kept)], np.float32))
     if stats is None:
         raise ValueError("no batches given")
     ref = ReferenceStats.from_running_stats(
         stats,
         {"dataset": dataset, "split": split, "feature_net": feature_net,
          "feature_net_sha256": feature_net_sha256, **(extra_provenance or {})},
+        np.concatenate(kept) if kept else None,
     )
     if path is not None:
         ref.save(path)

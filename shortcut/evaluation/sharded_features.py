@@ -10,7 +10,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 class ShardedFeatureFn:
-    """Wraps ``fn(variables, images) -> features`` as a numpy-in, numpy-out callable.
+    """Wraps ``fn(variables, images) -> features`` (an array or a pytree of arrays with the batch
+    axis first) as a numpy-in, numpy-out callable.
 
     With several devices the batch axis is split over a 1-D ``("data",)`` mesh and the
     variables are replicated; a batch whose size is not a multiple of the device count
@@ -40,4 +41,4 @@ class ShardedFeatureFn:
         if padded != n:
             x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)], axis=0)
         out = self._jit(self.variables, jax.device_put(x, self._data_sharding))
-        return np.asarray(jax.device_get(out))[:n]
+        return jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(out))  # an array or a tuple of them

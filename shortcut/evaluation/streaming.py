@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _read_checkpoint(path: Path, num_samples: int, batch_size: int, fingerprint: str,
-                     shard: tuple[int, int]) -> tuple[RunningStats, int]:
+                     shard: tuple[int, int], load_stats: Callable) -> tuple[Any, int]:
     with np.load(path, allow_pickle=False) as f:
         saved = {
             "num_samples": int(f["num_samples"]),
@@ -45,7 +45,7 @@ def _read_checkpoint(path: Path, num_samples: int, batch_size: int, fingerprint:
                 f"checkpoint {path} belongs to another computation (saved vs requested: {diff}); "
                 "delete it or pass another checkpoint_path"
             )
-        return RunningStats.from_state_dict(f), int(f["next_index"])
+        return load_stats(f), int(f["next_index"])
 
 
 def compute_stats(
@@ -61,6 +61,8 @@ def compute_stats(
     num_shards: int = 1,
     progress: bool | None = None,
     desc: str = "features",
+    new_stats: Callable[[Any], Any] = lambda features: RunningStats(features.shape[-1]),
+    load_stats: Callable[[Any], Any] = RunningStats.from_state_dict,
 ) -> RunningStats:
     """Accumulate feature mean/covariance over samples ``[0, num_samples)``, batch by batch.
 
@@ -76,6 +78,11 @@ def compute_stats(
 
     ``shard_index``/``num_shards`` restrict this call to a contiguous block of the
     indices (one per host); combine the shards with ``RunningStats.merge``.
+
+    Other accumulators: ``feature_fn`` may return any tuple of per-sample arrays (or None
+    entries), ``new_stats(first_output)`` makes the accumulator, which needs ``update(output)``
+    and ``save(path, **extra)``, and ``load_stats(npz)`` restores it from a checkpoint
+    (e.g. sample_metrics.SampleStats).
     """
     if num_samples <= 0 or batch_size <= 0:
         raise ValueError("num_samples and batch_size must be positive")
@@ -89,7 +96,7 @@ def compute_stats(
     stats: RunningStats | None = None
     start = lo
     if ckpt is not None and ckpt.exists():
-        stats, start = _read_checkpoint(ckpt, num_samples, batch_size, fingerprint, shard)
+        stats, start = _read_checkpoint(ckpt, num_samples, batch_size, fingerprint, shard, load_stats)
 
     def save(next_index: int) -> None:
         if ckpt is not None and stats is not None:
@@ -107,9 +114,11 @@ def compute_stats(
             images = np.asarray(batches_fn(i, n))
             if images.shape[0] != n:
                 raise ValueError(f"batches_fn({i}, {n}) returned {images.shape[0]} images")
-            feats = np.asarray(feature_fn(_pad_to(images, batch_size)))[:n]
+            out = feature_fn(_pad_to(images, batch_size))
+            feats = tuple(None if a is None else np.asarray(a)[:n] for a in out) if isinstance(out, tuple) \
+                else np.asarray(out)[:n]
             if stats is None:
-                stats = RunningStats(feats.shape[-1])
+                stats = new_stats(feats)
             stats.update(feats)
             batches_done += 1
             bar.update(n)

@@ -1,8 +1,10 @@
-"""Read PyTorch ``.pth`` state dicts into numpy arrays without importing torch.
+"""Read PyTorch ``.pth`` state dicts and TorchScript archives into numpy arrays without importing torch.
 
 Supports both serialisation formats torch.save has written: the zip archive
 (torch >= 1.6: ``<name>/data.pkl`` + ``<name>/data/<key>``) and the legacy
-stream (magic number, protocol, sys info, pickle, storage keys, raw storages).
+stream (magic number, protocol, sys info, pickle, storage keys, raw storages),
+and the tensors of a ``torch.jit.save``-d module (the same zip layout; its data.pkl
+pickles the module tree as ``__torch__.*`` objects, read here as inert attribute dicts).
 The unpickler only resolves the handful of globals a state dict of tensors needs,
 so a file cannot run code while being read.
 """
@@ -55,11 +57,31 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
     return data
 
 
+# torch.jit._pickle's helpers for typed attributes (e.g. a List[int] padding): plain values here.
+_JIT_LIST_BUILDERS = {
+    "build_intlist": list, "build_doublelist": list, "build_boollist": list, "build_tensorlist": list,
+    "restore_type_tag": lambda value, type_str: value,
+}
+
+
+class _ScriptObject:
+    """A TorchScript module or object from data.pkl: only its pickled attributes, no code."""
+
+    def __init__(self, *unused):
+        self.attributes: dict = {}
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"unexpected TorchScript object state {type(state).__name__}")
+        self.attributes = state
+
+
 class _TorchUnpickler(pickle.Unpickler):
-    def __init__(self, file, load_storage, defer_tensors: bool = False):
+    def __init__(self, file, load_storage, defer_tensors: bool = False, script_objects: bool = False):
         super().__init__(file)
         self._load_storage = load_storage
         self._defer = defer_tensors
+        self._script = script_objects
 
     def find_class(self, module, name):
         if module == "collections" and name == "OrderedDict":
@@ -70,6 +92,10 @@ class _TorchUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name.endswith("Storage"):
             return _StorageType(name)
+        if self._script and module.startswith("__torch__."):
+            return _ScriptObject
+        if self._script and module == "torch.jit._pickle" and name in _JIT_LIST_BUILDERS:
+            return _JIT_LIST_BUILDERS[name]
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a weights file")
 
     def persistent_load(self, pid):
@@ -78,7 +104,7 @@ class _TorchUnpickler(pickle.Unpickler):
         return self._load_storage(pid)
 
 
-def _load_zip(path) -> dict:
+def _load_zip(path, script_objects: bool = False):
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -103,7 +129,7 @@ def _load_zip(path) -> dict:
             return arr
 
         with zf.open(pkl[0]) as f:
-            return _TorchUnpickler(io.BytesIO(f.read()), load_storage).load()
+            return _TorchUnpickler(io.BytesIO(f.read()), load_storage, script_objects=script_objects).load()
 
 
 def _load_legacy(path) -> dict:
@@ -192,3 +218,27 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return {str(k): np.asarray(v) for k, v in sd.items()}
+
+
+def load_torchscript_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a ``torch.jit.save``-d module as {dotted attribute path: numpy array}.
+
+    Names follow the module tree as ``state_dict()`` does (``net.layers.conv.weight``); non-tensor
+    attributes (strides, flags) are left out. The archive's code is never run.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a TorchScript archive (not a zip file)")
+    root = _load_zip(path, script_objects=True)
+    if not isinstance(root, _ScriptObject):
+        raise ValueError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    out: dict[str, np.ndarray] = {}
+
+    def walk(obj: _ScriptObject, prefix: str) -> None:
+        for key, value in obj.attributes.items():
+            if isinstance(value, _ScriptObject):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, np.ndarray):
+                out[prefix + key] = value
+
+    walk(root, "")
+    return out

@@ -1,0 +1,32 @@
+"""benchmarks/accelerator.py end to end at its --smoke size (the GPU figures come from a GPU machine)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_accelerator_benchmark_smoke_writes_its_report(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--smoke", "--out-dir", str(tmp_path),
+                          "--budget-s", "0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (report_path,) = tmp_path.glob("*-smoke.json")
+    report = json.loads(report_path.read_text())
+    assert report["smoke"] is True and report["targets"]["applies"] is False
+    assert [(r["model"], r["strategy"]) for r in report["train"]] == [
+        ("DiT-B/2", "dp"), ("DiT-B/2", "fsdp"), ("DiT-XL/2", "dp"), ("DiT-XL/2", "fsdp")]
+    for r in report["train"]:
+        assert r["step_s"] > 0 and r["images_per_s"] > 0 and r["flops_per_step_per_device"] > 0
+    one, four = report["fid"]
+    assert (one["num_steps"], one["num_samples"], four["num_steps"]) == (1, 16, 4)
+    assert one["wall_s"] > 0 and "extrapolated_wall_s" not in one
+    # no budget left: the 4-step FID runs one batch and says its full-size time is extrapolated
+    assert four["num_samples"] == four["batch"] and four["extrapolated_wall_s"] == 2 * four["wall_s"]
+    assert any("random-init" in n for n in report["notes"])  # the stand-in weights are named
+    md = report_path.with_suffix(".md").read_text()
+    assert "MFU" in md and "< 90 s" in md and ">= 45%" in md
