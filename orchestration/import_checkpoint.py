@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 # (official module path, this project's), "{i}" a block index. Per block and in the final layer the
 # official names are flax's automatic ones, in creation order: a block's Dense_1 is its key
@@ -86,24 +87,14 @@ def official_name(project_path: str) -> str | None:
     return _translate(project_path, _BACKWARD)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict) -> dict[str, Any]:
     """{"a": {"b": x}} -> {"a/b": x}."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out.update(flatten(value, path + "/") if isinstance(value, dict) else {path: value})
-    return out
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+    """{"a/b": x} -> {"a": {"b": x}}."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def map_params(official: dict, expected: dict) -> dict:
