@@ -19,6 +19,7 @@ rerun redoes only what is missing. The graph ends by running make_tables.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from pathlib import Path
@@ -118,8 +119,11 @@ def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = Fa
 
 
 def _teachers_first(nodes: dict[str, Node]) -> dict[str, Node]:
-    """The nodes ordered by how many generations wait on them (most first), stably: teachers before
-    students, and the driver submits the heads of the longest chains first."""
+    """The nodes in the order the driver starts them when several are ready: by how many generations
+    wait on them (most first: teachers before students), then students before experiments without a
+    teacher, then the table's order. Students go early because they tend to be the long runs (reflow
+    generates its pairs first) and the ones that become ready late: started last, they would end the
+    table with one run on an otherwise idle machine."""
     below: dict[str, int] = {}
 
     def depth(key: str) -> int:  # the longest chain of students below a node
@@ -127,8 +131,13 @@ def _teachers_first(nodes: dict[str, Node]) -> dict[str, Node]:
             below[key] = max((depth(k) + 1 for k, n in nodes.items() if key in n.deps), default=0)
         return below[key]
 
-    order = sorted(nodes, key=lambda k: -depth(k))
+    order = sorted(nodes, key=lambda k: (-depth(k), not nodes[k].deps))
     return {k: nodes[k] for k in order}
+
+
+def _fits(need: dict[str, float], in_use: dict[str, float], cluster: dict[str, float]) -> bool:
+    """Whether a run needing `need` fits next to the runs using `in_use` of the cluster's resources."""
+    return all(in_use.get(k, 0) + v <= cluster.get(k, 0) + 1e-9 for k, v in need.items() if v)
 
 
 def _finished(node: Node, workdir: Path) -> bool:
@@ -192,6 +201,10 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
 
     board = ray.remote(num_cpus=0)(_Board).remote()
     running: dict = {}  # ObjectRef -> node key
+    # Only what fits now is submitted, so that the driver, not Ray's queue, picks the next run (in the
+    # order of _teachers_first). With nothing running a node is submitted even if it does not fit: a
+    # cluster that autoscales provides it later.
+    in_use: collections.Counter = collections.Counter()
     last_progress = time.time()
     while True:
         for key, node in nodes.items():
@@ -204,6 +217,10 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
                                                     if nodes[d].status in ("failed", "skipped")) + " did not finish"
                 say(f"{node.label}: skipped ({node.error})")
             elif all(s in ("finished", "cached") for s in dep_status):
+                need = cluster.demand(node.spec.resources)
+                if running and not _fits(need, in_use, ray.cluster_resources()):
+                    continue
+                in_use.update(need)
                 node.status, node.started = "running", time.time()
                 hooks = (ProgressReporter(board, key),)
                 ref = cluster.launch(node.spec.model_dump(mode="json"), node.spec.resources, name=node.spec.name,
@@ -218,6 +235,7 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
         for ref in done:
             key = running.pop(ref)
             node = nodes[key]
+            in_use.subtract(cluster.demand(node.spec.resources))
             node.ended = time.time()
             node.started = board_now.get(key, {}).get("started", node.started)  # run time, not queue time
             try:

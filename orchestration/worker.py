@@ -112,6 +112,9 @@ def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bo
             distributed: Distributed | None = None) -> dict:
     """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
     propagate with their message; the run record in the run directory says how the run ended."""
+    from orchestration.cpu_slots import pin_from_env
+
+    pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
     if distributed is not None:
         init_distributed(distributed)
     import jax

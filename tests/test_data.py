@@ -374,3 +374,18 @@ def test_package_imports_without_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_local_dataset_name_has_its_own_builder(tmp_path):
+    """names.LOCAL_DATASETS (checked without TensorFlow) and catalog's builders name the same datasets."""
+    from shortcut.data.catalog import get_builder, resolve_source
+    from shortcut.data.names import LOCAL_DATASETS, unknown_dataset
+
+    for name in LOCAL_DATASETS:
+        source = resolve_source(name)
+        assert unknown_dataset(name) is None
+        if source.tfds_name != name:  # imagenet256: TFDS's imagenet2012 under our name
+            assert source.tfds_name in tfds.list_builders(with_community_datasets=False)
+            continue
+        builder = get_builder(source, str(tmp_path))
+        assert builder.name == name and type(builder).__module__.startswith("shortcut.data.")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from orchestration.cluster import ResourcesError, check_feasible, worker_options
-from orchestration.graph import build, is_table, load_table
+from orchestration.graph import _fits, build, is_table, load_table
 from shortcut.spec import ResourcesSpec, SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +57,17 @@ def test_table_specs_list_their_experiments_and_teachers():
         # the student of seed s distils the teacher of seed s
         assert all(n.deps == [flow_key] and n.spec.teacher_spec().seed == seed for n in of_seed.values() if n.deps)
         assert f"seed {seed}" in of_seed[flow_key].label
-        # the table's overrides (resources.cpus=1) are not hashed: the runs are the same as run one by one
-        assert flow_key == load_spec("digits_flow", [f"seed={seed}"]).hash()
+        # a table node is the spec run one by one with the table's overrides (resources are not hashed)
+        assert flow_key == load_spec("digits_flow", ["train.steps=2000", f"seed={seed}"]).hash()
+        assert flow_key == load_spec("digits_flow", [*table.set, f"seed={seed}"]).hash()
     order = list(nodes)
     assert max(order.index(k) for k, n in nodes.items() if n.spec.name == "digits_flow") < min(
         order.index(k) for k, n in nodes.items() if n.deps)  # every teacher is submitted before any student
+    assert max(order.index(k) for k, n in nodes.items() if n.deps) < min(
+        order.index(k) for k, n in nodes.items() if not n.deps and n.spec.name != "digits_flow")  # then students
+    # the driver submits only what fits beside the running runs (Ray's queue would be first come, first served)
+    assert _fits({"CPU": 1, "GPU": 0}, {"CPU": 1}, {"CPU": 2.0}) and not _fits({"CPU": 1}, {"CPU": 2}, {"CPU": 2.0})
+    assert not _fits({"CPU": 1, "GPU": 1}, {}, {"CPU": 2.0})
     for ds in ("celeba", "imagenet"):
         assert len(build(load_table(f"table1_{ds}"))) == 9
 
@@ -102,6 +108,9 @@ def test_resources_map_to_ray_options():
     assert cpu["num_cpus"] == 1 and cpu["num_gpus"] == 0
     assert cpu["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cpu"
     assert "xla_cpu_multi_thread_eigen=false" in cpu["runtime_env"]["env_vars"]["XLA_FLAGS"]
+    assert cpu["runtime_env"]["env_vars"]["SHORTCUT_PIN_CPUS"] == "1"
+    assert "glibc.malloc.mmap_threshold" in cpu["runtime_env"]["env_vars"]["GLIBC_TUNABLES"]
+    assert "SHORTCUT_PIN_CPUS" not in worker_options(ResourcesSpec(cpus=0.5))["runtime_env"]["env_vars"]
     shared = worker_options(ResourcesSpec(cpus=4, gpus=0.5))
     assert shared["runtime_env"]["env_vars"] == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     whole = worker_options(ResourcesSpec(cpus=8, gpus=8))

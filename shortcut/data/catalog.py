@@ -31,13 +31,9 @@ class Source:
 
 
 def resolve_source(name: str) -> Source:
-    """The `Source` for a dataset name: digits, celebahq256, imagenet256 or any TFDS name."""
-    if name == "digits":
-        return Source("digits", "digits")
-    if name == "celebahq256":
-        return Source("celebahq256", "celebahq256")
-    if name == "fashion_mnist_local":
-        return Source("fashion_mnist_local", "fashion_mnist_local")
+    """The `Source` for a dataset name: our own builders (names.LOCAL_DATASETS: digits, celebahq256,
+    fashion_mnist_local) and any TFDS name are their own builder; imagenet256 is TFDS's imagenet2012,
+    ADM-cropped to 256."""
     if name == "imagenet256":
         return Source("imagenet256", "imagenet2012", crop="adm", default_size=256)
     return Source(name, name)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import functools
 
-# The names shortcut/data/catalog.py maps to builders of its own (a new one goes into both places).
+# The names that are not TFDS builder names: catalog.get_builder has a builder of its own for each
+# (imagenet256 is TFDS's imagenet2012, see catalog.resolve_source); tests/test_data.py checks both agree.
 LOCAL_DATASETS = ("digits", "celebahq256", "fashion_mnist_local", "imagenet256")
 
 

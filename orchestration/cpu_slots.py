@@ -1,0 +1,71 @@
+"""Pin a CPU-only worker to cores no other worker of this machine holds.
+
+Ray gives a worker `num_cpus` as a scheduling count, not as cores, and XLA sizes its CPU thread pool
+from the cores the process may run on. Two single-CPU digits workers on a 2-core machine then both
+spread over both cores and slow each other down (10 % on a digits run); pinned, each keeps its core,
+and a run's numbers no longer depend on how many cores the machine has.
+
+A core is held by an exclusive `flock` on `<tmp>/shortcut-cpu-slots-<uid>/<core>.lock`, kept open for
+the life of the process: the kernel releases it when the process ends, however it ends (SIGKILL too).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+ENV = "SHORTCUT_PIN_CPUS"  # set by orchestration.cluster.worker_options: the cores a worker asks for
+
+_held: list[int] = []  # lock files of this process, open until it exits
+
+
+def lock_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"shortcut-cpu-slots-{os.getuid()}"
+
+
+def acquire(count: int, directory: Path | None = None) -> list[int]:
+    """Lock `count` free cores of this process's affinity mask; [] (nothing held) if fewer are free."""
+    directory = directory or lock_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    got: list[tuple[int, int]] = []
+    for cpu in sorted(os.sched_getaffinity(0)):
+        if len(got) == count:
+            break
+        fd = os.open(directory / f"{cpu}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        got.append((cpu, fd))
+    if len(got) < count:
+        for _, fd in got:
+            os.close(fd)
+        return []
+    _held.extend(fd for _, fd in got)
+    return [cpu for cpu, _ in got]
+
+
+def pin_process(cpus: list[int]) -> None:
+    """Set the affinity of every thread of this process (affinity is per thread on Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):  # a thread that just ended
+            pass
+
+
+def pin_from_env() -> list[int]:
+    """If $SHORTCUT_PIN_CPUS asks for n cores and n are free, pin this process to them; the cores."""
+    try:
+        count = int(os.environ.get(ENV, "0"))
+    except ValueError:
+        return []
+    if count < 1 or not hasattr(os, "sched_setaffinity") or count > len(os.sched_getaffinity(0)):
+        return []
+    cpus = acquire(count)
+    if cpus:
+        pin_process(cpus)
+    return cpus
