@@ -6,8 +6,8 @@
   inside that job Ray sets $RAY_ADDRESS to the GCS address, so the job's driver joins here.)
 * `worker_options(resources)`: Ray options of one worker. CPU-only workers run JAX on the CPU with
   as many threads as CPUs asked, pinned to as many free cores (orchestration/cpu_slots.py), with
-  glibc's malloc keeping XLA's per-step buffers; a fractional GPU share turns off JAX's full-memory preallocation;
-  TPU chips are the `TPU` resource.
+  glibc's malloc keeping XLA's per-step buffers; a fractional GPU share turns off JAX's full-memory
+  preallocation; TPU chips are the `TPU` resource.
 * `launch(spec_tree, resources, **kwargs)`: one Ray task running orchestration.worker.execute, or for
   `resources.hosts > 1` one actor per host (a placement group spreads them), joined by
   `jax.distributed.initialize` with process 0's node as coordinator. Each worker process runs one
@@ -51,7 +51,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, runtime_
 # XLA on the CPU allocates each execution's temporaries as one buffer (tens of MB for the digits train
 # step) and frees it again; above glibc's mmap threshold that is an mmap/munmap per step, and the kernel
 # zeroes every page anew (12,000 page faults a step, a quarter of a digits step's time in the kernel).
-# Keeping such buffers in the heap makes a digits step 1.4x faster. The tunables are read when a process starts, hence an env var.
+# Keeping such buffers in the heap makes a digits step 1.4x faster. The tunables are read when a
+# process starts, hence an environment variable.
 CPU_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
 
 

@@ -63,7 +63,7 @@ def pin_from_env() -> list[int]:
         count = int(os.environ.get(ENV, "0"))
     except ValueError:
         return []
-    if count < 1 or not hasattr(os, "sched_setaffinity") or count > len(os.sched_getaffinity(0)):
+    if count < 1 or not hasattr(os, "sched_setaffinity"):
         return []
     cpus = acquire(count)
     if cpus:

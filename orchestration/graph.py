@@ -207,6 +207,7 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
     in_use: collections.Counter = collections.Counter()
     last_progress = time.time()
     while True:
+        capacity = ray.cluster_resources()  # once a pass: an autoscaling cluster may have grown
         for key, node in nodes.items():
             if node.status != "waiting":
                 continue
@@ -218,7 +219,7 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
                 say(f"{node.label}: skipped ({node.error})")
             elif all(s in ("finished", "cached") for s in dep_status):
                 need = cluster.demand(node.spec.resources)
-                if running and not _fits(need, in_use, ray.cluster_resources()):
+                if running and not _fits(need, in_use, capacity):
                     continue
                 in_use.update(need)
                 node.status, node.started = "running", time.time()
