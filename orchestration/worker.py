@@ -112,9 +112,18 @@ def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bo
             distributed: Distributed | None = None) -> dict:
     """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
     propagate with their message; the run record in the run directory says how the run ended."""
-    from orchestration.cpu_slots import pin_from_env
+    from orchestration import cpu_slots
 
-    pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
+    cpu_slots.pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
+    try:
+        return _execute(spec_tree, workdir=workdir, smoke=smoke, eval_only=eval_only, tracking=tracking,
+                        results_dir=results_dir, hooks=hooks, distributed=distributed)
+    finally:
+        cpu_slots.release()  # before Ray hears the run ended and starts the next one on this core
+
+
+def _execute(spec_tree: dict, *, workdir: str, smoke: bool, eval_only: bool, tracking: Tracking,
+             results_dir: str | None, hooks: tuple, distributed: Distributed | None) -> dict:
     if distributed is not None:
         init_distributed(distributed)
     import jax

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -42,11 +41,20 @@ def test_workers_get_distinct_cores_and_a_killed_worker_frees_its_core(tmp_path)
         assert cpu_slots.acquire(len(free) + 1, tmp_path) == []  # not enough free: nothing held
         os.kill(a.pid, signal.SIGKILL)
         a.wait()
-        deadline = time.monotonic() + 10
-        while (got := cpu_slots.acquire(len(free) + 1, tmp_path)) == [] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        got = cpu_slots.acquire(len(free) + 1, tmp_path, wait=10)
         assert cpu_a in got and cpu_b not in got  # the killed worker's core came back, the live one's did not
     finally:
         for p in (a, b):
             p.kill()
             p.wait()
+
+
+def test_a_released_core_is_free_again_and_acquire_waits_for_it(tmp_path):
+    every = len(os.sched_getaffinity(0))
+    try:
+        assert len(cpu_slots.acquire(every, tmp_path)) == every
+        assert cpu_slots.acquire(1, tmp_path, wait=0.3) == []  # all held, by this process
+        cpu_slots.release()
+        assert len(cpu_slots.acquire(1, tmp_path)) == 1
+    finally:
+        cpu_slots.release()
