@@ -45,7 +45,18 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, runtime_
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
                      log_to_driver=True, logging_level="WARNING")
+        _interrupt_on_sigterm()
     return ray.cluster_resources()
+
+
+def _interrupt_on_sigterm() -> None:
+    """Let SIGTERM stop this driver the way Ctrl-C does (running runs checkpoint, Ray shuts down), not with
+    the stack dump and abort of the handler that ray.init installs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 # XLA on the CPU allocates each execution's temporaries as one buffer (tens of MB for the digits train

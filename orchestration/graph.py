@@ -182,10 +182,9 @@ class ProgressReporter:
 
 def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_kwargs: dict,
             log: Callable[[str], None] = print) -> dict[str, Node]:
-    """Run the graph on Ray (already connected); returns the nodes with their final status."""
+    """Run the graph on Ray (already connected); returns the nodes with their final status. Interrupted
+    (Ctrl-C or SIGTERM), it stops the running experiments, which checkpoint, and raises KeyboardInterrupt."""
     import ray
-
-    from orchestration import cluster
 
     t0 = time.time()
 
@@ -201,6 +200,23 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
 
     board = ray.remote(num_cpus=0)(_Board).remote()
     running: dict = {}  # ObjectRef -> node key
+    try:
+        _schedule(nodes, running, board, launch_kwargs, say)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect makes it one)
+        _stop(running, nodes, say)
+        raise
+    finally:
+        ray.kill(board)
+    return nodes
+
+
+def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict, say: Callable[[str], None]) -> None:
+    """Submit every node once its teachers have finished and it fits; collect outcomes until all ended.
+    `running` (ObjectRef -> node key) is kept up to date for the caller."""
+    import ray
+
+    from orchestration import cluster
+
     # Only what fits now is submitted, so that the driver, not Ray's queue, picks the next run (in the
     # order of _teachers_first). With nothing running a node is submitted even if it does not fit: a
     # cluster that autoscales provides it later.
@@ -253,8 +269,22 @@ def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_k
         if time.time() - last_progress >= PROGRESS_EVERY_S and running:
             last_progress = time.time()
             say(_progress_line(nodes, running, ray.get(board.snapshot.remote())))
-    ray.kill(board)
-    return nodes
+
+
+def _stop(running: dict, nodes: dict[str, Node], say: Callable[[str], None]) -> None:
+    """Cancel the running experiments (each saves a checkpoint, as on Ctrl-C) and wait a while for them."""
+    import ray
+
+    from orchestration import cluster
+
+    if not running:
+        return
+    say(f"interrupted: stopping {', '.join(nodes[k].label for k in running.values())} (each checkpoints first)")
+    for ref in running:
+        ray.cancel(ref)  # KeyboardInterrupt inside the run: run() checkpoints and records "interrupted"
+    ray.wait(list(running), num_returns=len(running), timeout=120)
+    for ref in running:
+        cluster.release(ref)
 
 
 def _progress_line(nodes: dict[str, Node], running: dict, board: dict) -> str:

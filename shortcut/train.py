@@ -127,8 +127,8 @@ class TrainResult:
     seconds: float
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGINT, seen between steps: an interruption like Ctrl-C (the run records "interrupted")."""
 
 
 class StopTraining(Exception):

@@ -101,6 +101,13 @@ def test_digits_epoch_is_the_sklearn_data(data_dir, mode):
     assert not np.array_equal(first["label"], second["label"]), "epochs must be reshuffled"
 
 
+
+def test_only_streamed_pipelines_autotune(data_dir, mode):
+    """In memory there is nothing to tune, and autotuning's model thread makes deleting an iterator
+    wait for its next wake-up (up to a minute at the end of every run)."""
+    it = make_train_iterator("digits", batch_size=64, seed=0, data_dir=data_dir)
+    assert it._dataset.options().autotune.enabled is (mode == "stream")
+
 def test_digits_resize(data_dir):
     b = next(make_train_iterator("digits", batch_size=16, seed=0, data_dir=data_dir, image_size=16))
     assert b["image"].shape == (16, 16, 16, 1)

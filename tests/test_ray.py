@@ -4,6 +4,7 @@ graph (teacher, then student; a failing experiment; a rerun that skips what fini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -220,6 +221,55 @@ def test_sweep_with_asha_mlflow_children_and_a_killed_trial(tmp_path):
         assert all("fd_digits/1_steps" in c.data.metrics for c in children)
     finally:
         server.stop()
+
+
+def test_sigterm_stops_a_table_like_ctrl_c(tmp_path):
+    """SIGTERM to a table's driver: the running experiment checkpoints and records that it was interrupted,
+    the driver exits 130 with its one-line message (no Ray stack dump), and nothing it started lives on."""
+    table = tmp_path / "one_long_run.yaml"
+    table.write_text(yaml.safe_dump({"description": "one long run", "experiments": ["digits_flow"],
+                                     "set": TINY + ["train.steps=100000"]}))
+    workdir = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.run_experiment", str(table), "--workdir",
+                             str(workdir), "--no-tracking", "--cpus", "2", "--results-dir", str(tmp_path / "results")],
+                            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        checkpoints = _wait_for_a_checkpoint(workdir / "digits_flow", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 130, out[-3000:]
+        assert "interrupted: stopping digits_flow" in out and "a rerun resumes" in out
+        assert "SIGTERM received" not in out, out[-3000:]
+        record = _record(workdir, "digits_flow")
+        assert record["status"] == "interrupted"
+        assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) >= 10
+        deadline = time.time() + 60  # Ray's own processes end with the driver
+        while time.time() < deadline and _alive_in_group(proc.pid):
+            time.sleep(0.5)
+        assert not _alive_in_group(proc.pid), "processes the driver started are still running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_for_a_checkpoint(runs: Path, proc: subprocess.Popen) -> Path:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        for ckpts in runs.glob("*/checkpoints"):
+            if any(p.name.isdigit() for p in ckpts.iterdir()):
+                return ckpts
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint appeared (driver exit code {proc.poll()})")
+
+
+def _alive_in_group(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _kill_a_trial_after_its_first_checkpoint(sweep_runs: Path, proc: subprocess.Popen) -> Path:

@@ -34,9 +34,13 @@ def _derive_seed(seed: int, process_index: int, purpose: int) -> int:
     return int(np.random.SeedSequence([seed, process_index, purpose]).generate_state(1)[0] >> 1)
 
 
-def _options() -> tf.data.Options:
+def _options(autotune: bool = True) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
+    # Autotuning's model thread sleeps up to a minute between optimisations, and deleting the iterator
+    # waits for it: 0-60 s at the end of every run (27 s of a 215 s digits run, measured). An in-memory
+    # dataset has nothing worth tuning; a streamed one (decoding in parallel) keeps it.
+    options.autotune.enabled = autotune
     return options
 
 
@@ -146,7 +150,8 @@ def make_train_iterator(
 
     shuffle_seed = _derive_seed(seed, process_index, 0)
     decoded_bytes = shard_examples * (stored_h or 0) * (stored_w or 0) * channels
-    if adm_size is None and decoded_bytes <= IN_MEMORY_MAX_BYTES:
+    in_memory = adm_size is None and decoded_bytes <= IN_MEMORY_MAX_BYTES
+    if in_memory:
         ds = _in_memory_batches(builder, shard, has_label, batch_size, shuffle_seed)
     else:
         ds = _streaming_batches(
@@ -160,7 +165,7 @@ def make_train_iterator(
         return {"image": image, "label": batch["label"]}
 
     ds = ds.enumerate().map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(2).with_options(_options())
+    ds = ds.prefetch(2).with_options(_options(autotune=not in_memory))
     fingerprint = {
         "kind": "tfdata",
         "name": name,
