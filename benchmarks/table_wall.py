@@ -44,9 +44,10 @@ def parts(record: dict) -> dict[str, float]:
 
 
 def report(found: list[dict], slots: int) -> str:
+    every = [parts(r) for r in found]
     by_spec: dict[str, dict[int, dict]] = collections.defaultdict(dict)
-    for r in found:
-        by_spec[r["name"]][r["spec"]["seed"]] = parts(r)
+    for r, p in zip(found, every):
+        by_spec[r["name"]][r["spec"]["seed"]] = p
     seeds = sorted({s for runs in by_spec.values() for s in runs})
     lines = ["| spec | " + " | ".join(f"seed {s}: total (setup / train / eval)" for s in seeds) + " |",
              "|---|" + "---:|" * len(seeds)]
@@ -54,7 +55,6 @@ def report(found: list[dict], slots: int) -> str:
         cells = [f"{runs[s]['total']:.0f} ({runs[s]['setup']:.0f} / {runs[s]['train']:.0f} / {runs[s]['evaluate']:.0f})"
                  if s in runs else "" for s in seeds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    every = [parts(r) for r in found]
     total = sum(p["total"] for p in every)
     span = (max(_time(r["finished"]) for r in found) - min(_time(r["started"]) for r in found)).total_seconds()
     sums = {k: sum(p[k] for p in every) for k in ("setup", "train", "evaluate")}

@@ -182,6 +182,16 @@ def _first_of_all(refs, actors, group):
 _PENDING: dict = {}  # keeps multi-host actors and their placement group alive until their run ends
 
 
+def cancel(refs: list, timeout: float = 120.0) -> None:
+    """Stop running launches: KeyboardInterrupt inside each (the run checkpoints and records that it was
+    interrupted); waits up to `timeout` seconds for them to end."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+
 def release(ref) -> None:
     """Free the actors and placement group of a finished multi-host run (no-op for single-host runs)."""
     import ray

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ENV = "SHORTCUT_PIN_CPUS"  # set by orchestration.cluster.worker_options: the cores a worker asks for
 
-_held: list[int] = []  # lock files of this process, open until it exits
+_held: list[int] = []  # this process's open lock files, until release() or its exit
 
 
 def lock_dir() -> Path:

@@ -273,16 +273,12 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
 
 def _stop(running: dict, nodes: dict[str, Node], say: Callable[[str], None]) -> None:
     """Cancel the running experiments (each saves a checkpoint, as on Ctrl-C) and wait a while for them."""
-    import ray
-
     from orchestration import cluster
 
     if not running:
         return
     say(f"interrupted: stopping {', '.join(nodes[k].label for k in running.values())} (each checkpoints first)")
-    for ref in running:
-        ray.cancel(ref)  # KeyboardInterrupt inside the run: run() checkpoints and records "interrupted"
-    ray.wait(list(running), num_returns=len(running), timeout=120)
+    cluster.cancel(list(running))
     for ref in running:
         cluster.release(ref)
 

@@ -17,7 +17,6 @@ results/runs/ (orchestration/results.py) for make_tables.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -209,9 +208,7 @@ def _run_one(args, spec, address: str | None) -> int:
             result = ray.get(ref)
         except KeyboardInterrupt:
             print("interrupted: stopping the run (it checkpoints first) ...", file=sys.stderr)
-            ray.cancel(ref)  # raises KeyboardInterrupt inside the task: run() saves a checkpoint
-            with contextlib.suppress(Exception):
-                ray.get(ref, timeout=120)
+            cluster.cancel([ref])
             raise
         except ray.exceptions.RayError as e:
             raise cluster.cause(e) from None

@@ -221,7 +221,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
         signals.check()
         if last_saved != cfg.steps:
             last_saved = _save(checkpointer, cfg.steps, state, data)
-    except (KeyboardInterrupt, _Terminated, StopTraining) as e:
+    except (KeyboardInterrupt, StopTraining) as e:  # _Terminated is a KeyboardInterrupt
         done = int(state.step)
         if done != last_saved and _finite(state):
             log(f"{'stopped' if isinstance(e, StopTraining) else 'interrupted'}: saving a checkpoint at step {done}")

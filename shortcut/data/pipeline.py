@@ -37,9 +37,9 @@ def _derive_seed(seed: int, process_index: int, purpose: int) -> int:
 def _options(autotune: bool = True) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
-    # Autotuning's model thread sleeps up to a minute between optimisations, and deleting the iterator
-    # waits for it: 0-60 s at the end of every run (27 s of a 215 s digits run, measured). An in-memory
-    # dataset has nothing worth tuning; a streamed one (decoding in parallel) keeps it.
+    # Deleting an autotuned iterator waits for a thread of the autotuner to wake up: 0-60 s at the end
+    # of every run (27 s of a 215 s digits run, measured). An in-memory dataset has nothing worth
+    # tuning; a streamed one (decoding in parallel) keeps it.
     options.autotune.enabled = autotune
     return options
 
