@@ -46,6 +46,8 @@ def require_teacher(name: str, teacher_params) -> Any:
 
 class ConsistencyDistillationObjective(ConsistencyObjective):
     Config = ConsistencyDistillationConfig
+    display_name = "Consistency Distillation"
+    table_order = 70
 
     def init_aux(self, params, teacher_params=None) -> Any:
         """aux = the teacher's (EMA) parameters, fixed for the whole run."""

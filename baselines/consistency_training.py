@@ -120,6 +120,8 @@ class ConsistencyObjective(Objective):
 
 class ConsistencyTrainingObjective(ConsistencyObjective):
     Config = ConsistencyTrainingConfig
+    display_name = "Consistency Training"
+    table_order = 30
 
     def __init__(self, config: ConsistencyTrainingConfig, *, num_classes: int, total_steps: int):
         super().__init__(config, num_classes=num_classes)

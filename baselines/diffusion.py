@@ -63,6 +63,8 @@ def alpha_bar(tau: jax.Array, schedule: str, min_alpha_bar: float = 0.0) -> jax.
 class DiffusionObjective(Objective):
     Config = DiffusionConfig
     groups = ("diffusion",)
+    display_name = "Diffusion"
+    table_order = 10
 
     def alpha_sigma(self, tau: jax.Array) -> tuple[jax.Array, jax.Array]:
         ab = alpha_bar(tau, self.config.schedule, self.config.min_alpha_bar)

@@ -18,6 +18,8 @@ class FlowMatchingConfig(MethodConfig):
 
 class FlowMatchingObjective(Objective):
     Config = FlowMatchingConfig
+    display_name = "Flow Matching"
+    table_order = 20
 
     def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         cfg = self.config

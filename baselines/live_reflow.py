@@ -47,6 +47,8 @@ class LiveReflowConfig(MethodConfig):
 
 class LiveReflowObjective(Objective):
     Config = LiveReflowConfig
+    display_name = "Live Reflow"
+    table_order = 40
     groups = ("flow", "reflow")
 
     def reflow_size(self, batch_size: int) -> int:

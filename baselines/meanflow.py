@@ -61,6 +61,8 @@ def meanflow_target(apply_fn: ApplyFn, params, x_t: jax.Array, t: jax.Array, d_c
 
 class MeanFlowObjective(Objective):
     Config = MeanFlowConfig
+    display_name = "MeanFlow"
+    table_order = 90
     groups = ("flow", "mean")
 
     def mean_size(self, batch_size: int) -> int:

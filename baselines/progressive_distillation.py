@@ -47,6 +47,8 @@ class ProgressiveDistillationConfig(MethodConfig):
 class ProgressiveDistillationObjective(Objective):
     Config = ProgressiveDistillationConfig
     groups = ("distill",)
+    display_name = "Progressive Distillation"
+    table_order = 60
 
     def __init__(self, config: ProgressiveDistillationConfig, *, num_classes: int, total_steps: int):
         super().__init__(config, num_classes=num_classes)

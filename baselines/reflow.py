@@ -43,6 +43,8 @@ class ReflowConfig(MethodConfig):
 
 class ReflowObjective(Objective):
     Config = ReflowConfig
+    display_name = "Reflow"
+    table_order = 80
     uses_pairs = True  # shortcut/stages.py trains it on the teacher's generated pairs
 
     @staticmethod

@@ -32,11 +32,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from shortcut import methods
-from shortcut.sampling import make_sampler, noise_for, sample_labels
+from shortcut import assembly
+from shortcut.sampling import noise_for, sample_labels
 from shortcut.sharding import Parallel
 from shortcut.spec import load_spec
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step
+from shortcut.train import init_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 # Peak dense bf16 FLOP/s per device (vendor datasheets, without sparsity). First match wins.
@@ -64,13 +64,13 @@ def train_case(label: str, name: str, strategy: str, overrides: list[str], steps
     spec = load_spec(name, ["model.dtype=bfloat16", *overrides])
     b = spec.train.batch_size
     parallel = Parallel.create(b, strategy)
-    model, optimizer, objective = build_model(spec), make_optimizer(spec.optimizer), methods.make_objective(spec)
-    state = parallel.place(init_state(spec, model, optimizer, objective))
+    parts = assembly.build(spec)
+    state = parallel.place(init_state(spec, parts.model, parts.optimizer, parts.objective))
     rng = np.random.default_rng(0)
     batch = {"image": parallel.shard(rng.standard_normal((b, *spec.input_shape), np.float32)),
              "label": parallel.shard(rng.integers(0, max(spec.data.num_classes, 1), (b,)).astype(np.int32))}
     t0 = time.perf_counter()
-    compiled = make_train_step(make_apply_fn(model), objective, optimizer, spec, parallel, state).lower(
+    compiled = make_train_step(parts.apply_fn, parts.objective, parts.optimizer, spec, parallel, state).lower(
         state, batch).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
@@ -270,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 
     label, name = FID_CASE
     spec = load_spec(name, overrides)
-    model, objective = build_model(spec), methods.make_objective(spec)
-    params = jax.device_put(init_state(spec, model, make_optimizer(spec.optimizer), objective).ema_params,
+    parts = assembly.build(spec)
+    params = jax.device_put(init_state(spec, parts.model, parts.optimizer, parts.objective).ema_params,
                             Parallel.create(spec.eval.batch_size).replicated)
-    sampler = make_sampler(objective, make_apply_fn(model))
+    sampler = parts.sampler
     codec, net, fid_notes = fid_components(spec, smoke, args.vae_dtype)
     notes += fid_notes + [f"FID: {label} ({name}) randomly initialised, {spec.model.dtype}; VAE decode "
                           f"{args.vae_dtype}, batch {spec.data.latent.batch_size}; the FID value is against "

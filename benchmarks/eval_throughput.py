@@ -17,10 +17,10 @@ import time
 import jax
 import numpy as np
 
-from shortcut import methods
-from shortcut.sampling import make_sampler, sample_range
+from shortcut import assembly
+from shortcut.sampling import sample_range
 from shortcut.spec import load_spec
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer
+from shortcut.train import init_state
 
 
 def main() -> None:
@@ -32,10 +32,9 @@ def main() -> None:
     args = p.parse_args()
 
     spec = load_spec(args.spec)
-    model = build_model(spec)
-    objective = methods.make_objective(spec)
-    params = init_state(spec, model, make_optimizer(spec.optimizer), objective).ema_params
-    sampler = make_sampler(objective, make_apply_fn(model))
+    parts = assembly.build(spec)
+    params = init_state(spec, parts.model, parts.optimizer, parts.objective).ema_params
+    sampler = parts.sampler
     common = dict(shape=spec.input_shape, num_classes=spec.data.num_classes, seed=0)
 
     from shortcut.evaluation import DigitsFeatureNet, InceptionFeatureNet
@@ -72,7 +71,7 @@ def main() -> None:
                 t_feat[i] += time.perf_counter() - t0
         total = args.samples
         feats = " | ".join(f"{total / t:.0f}" for t in t_feat)
-        print(f"| {n} | {objective.network_evaluations(n, w)} | {total / t_sample:.0f} | {feats} | "
+        print(f"| {n} | {parts.objective.network_evaluations(n, w)} | {total / t_sample:.0f} | {feats} | "
               f"{total / (t_sample + sum(t_feat)):.0f} |")
 
 

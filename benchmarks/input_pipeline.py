@@ -31,12 +31,12 @@ import jax
 import numpy as np
 from PIL import Image
 
-from shortcut import methods
+from shortcut import assembly
 from shortcut.data import latents, make_train_iterator, pipeline, prepare_dataset
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.sharding import Parallel
 from shortcut.spec import load_spec
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step
+from shortcut.train import init_state, make_train_step
 from shortcut.vae import LatentCodec
 
 
@@ -65,9 +65,9 @@ class StepBench:
 
     def __init__(self, spec, parallel: Parallel):
         self.spec, self.parallel = spec, parallel
-        model, optimizer, objective = build_model(spec), make_optimizer(spec.optimizer), methods.make_objective(spec)
-        self.state = parallel.place(init_state(spec, model, optimizer, objective))
-        self.step = make_train_step(make_apply_fn(model), objective, optimizer, spec, parallel, self.state)
+        parts = assembly.build(spec)
+        self.state = parallel.place(init_state(spec, parts.model, parts.optimizer, parts.objective))
+        self.step = make_train_step(parts.apply_fn, parts.objective, parts.optimizer, spec, parallel, self.state)
         b, rng = spec.train.batch_size, np.random.default_rng(0)
         self.batch = {"image": parallel.shard(rng.uniform(-1, 1, (b, *spec.input_shape)).astype(np.float32)),
                       "label": parallel.shard(rng.integers(0, max(spec.data.num_classes, 1), (b,)).astype(np.int32))}

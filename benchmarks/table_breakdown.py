@@ -152,16 +152,16 @@ def measure_vmap(spec_name: str, steps: int, seeds: int = 3) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from shortcut import methods
+    from shortcut import assembly
     from shortcut.spec import load_spec
-    from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step
+    from shortcut.train import init_state, make_train_step
 
     spec = load_spec(spec_name)
-    model, optimizer = build_model(spec), make_optimizer(spec.optimizer)
-    objective = methods.make_objective(spec)
+    parts = assembly.build(spec)
+    model, optimizer, objective = parts.model, parts.optimizer, parts.objective
     states = [init_state(load_spec(spec_name, [f"seed={s}"]), model, optimizer, objective) for s in range(seeds)]
-    one = make_train_step(make_apply_fn(model), objective, optimizer, spec)
-    many = jax.jit(jax.vmap(make_train_step(make_apply_fn(model), objective, optimizer, spec)), donate_argnums=0)
+    one = make_train_step(parts.apply_fn, objective, optimizer, spec)
+    many = jax.jit(jax.vmap(make_train_step(parts.apply_fn, objective, optimizer, spec)), donate_argnums=0)
     b, rng = spec.train.batch_size, np.random.default_rng(0)
 
     def batch(*lead):

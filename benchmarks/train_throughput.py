@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut import methods
+from shortcut import assembly
 from shortcut.spec import load_spec
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step
+from shortcut.train import init_state, make_train_step
 
 CASES = [
     ("digits_shortcut", []),
@@ -30,10 +30,9 @@ CASES = [
 
 def measure(name: str, overrides: list[str], steps: int) -> dict:
     spec = load_spec(name, overrides)
-    model = build_model(spec)
-    optimizer = make_optimizer(spec.optimizer)
-    state = init_state(spec, model, optimizer)
-    step = make_train_step(make_apply_fn(model), methods.make_objective(spec), optimizer, spec)
+    parts = assembly.build(spec)
+    state = init_state(spec, parts.model, parts.optimizer)
+    step = make_train_step(parts.apply_fn, parts.objective, parts.optimizer, spec)
     b = spec.train.batch_size
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, (b, *spec.input_shape)).astype(np.float32))

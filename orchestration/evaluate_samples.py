@@ -4,7 +4,7 @@ FILE is a sample file in the ADM / guided-diffusion evaluation layout (arr_0 = u
 optional arr_1 = labels), as `generate --out x.npz` or `eval.save_samples` write it, or as the official
 code, a PyTorch port or another paper's release provides it. STATS is a reference statistics file
 (`fid_stats`: FID with the standard FID Inception, whose weights are found as for a run) or `digits`
-(fd_digits against the whole embedded digits dataset; the images must be grey 8x8). The scores come
+(fd_digits against the held-out split of the embedded digits; the images must be grey 8x8). The scores come
 from the same code as a run's evaluation (shortcut/evaluation/sample_metrics.py): the Frechet
 distance, the Inception Score on the same network's logits, improved precision/recall (k = 3) on its
 features, and with labels and the digits classifier the class accuracy. The JSON has the same fields
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_file(path: str | Path, reference: str, *, weights: str | None = None, verify: bool = True,
                   batch_size: int = 500) -> dict:
     """The evaluation entry (value, scores, provenance) of a sample file against a reference."""
-    from shortcut.evaluate import _Accuracy, digits_metric, fid_metric
+    from shortcut.evaluate import _Accuracy, _floor_summary, digits_metric, fid_metric
     from shortcut.evaluation.inception_weights import sha256_file
     from shortcut.evaluation.reference_stats import ReferenceStats
     from shortcut.evaluation.sample_metrics import compute_sample_metrics
@@ -72,7 +72,7 @@ def evaluate_file(path: str | Path, reference: str, *, weights: str | None = Non
     images, labels = read_samples(path)
     if reference == "digits" or (Path(reference).is_file() and
                                  ReferenceStats.load(reference).provenance.get("feature_net") == "fd_digits"):
-        metric, channels = digits_metric(class_conditional=labels is not None), 1
+        metric, channels = digits_metric(class_conditional=labels is not None, heldout_split="heldout"), 1
         if images.shape[1:3] != (8, 8):
             raise SampleFileError(f"{path}: fd_digits needs 8x8 images, the file has {images.shape[1]}x{images.shape[2]}")
     else:
@@ -88,8 +88,9 @@ def evaluate_file(path: str | Path, reference: str, *, weights: str | None = Non
 
     result = compute_sample_metrics(batches, len(images), batch_size, metric.reference, metric.net)
     entry = {"metric": metric.name, "value": result.value, **result.record, "num_samples": len(images),
-             **metric.net.provenance(), "reference_stats_sha256": metric.reference_sha256,
-             "reference_provenance": metric.reference.provenance, "samples_file": str(path),
+             **metric.provenance, "reference_stats_sha256": metric.reference_sha256,
+             "reference_provenance": {k: v for k, v in metric.reference.provenance.items() if k != "noise_floor"},
+             "noise_floor": _floor_summary(metric.floor(len(images))), "samples_file": str(path),
              "samples_sha256": sha256_file(path), "image_size": list(images.shape[1:3]),
              "seconds": time.perf_counter() - t0}
     if accuracy.count:

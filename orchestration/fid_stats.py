@@ -3,8 +3,10 @@
 The paper computes FID against statistics of the entire dataset. This makes one ordered pass over the
 spec's dataset split (same preprocessing as training, no flips), extracts FID Inception pool3
 features and writes mu, sigma, count and provenance (dataset, split, image size, feature network and
-its sha256), and the features of the first 10,000 images (the precision/recall reference set), to
-FILE (default: where `eval.metric: fid` looks for it).
+its sha256), the features of the first 10,000 images (the precision/recall reference set), and the
+metric's noise floor at the spec's `eval.num_samples` (and at each `--floor N`), to FILE (default: where
+`eval.metric: fid` looks for it). The floor's draws come from those kept images, which are part of the
+reference itself (a dataset with a test split has no held-out images here): a lower bound of the floor.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="output .npz (default: the spec's eval.reference_stats or the standard place)")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--floor", type=int, action="append", default=[], metavar="N",
+                   help="also store the noise floor at N samples (the spec's eval.num_samples always)")
     args = p.parse_args(argv)
 
     from shortcut.spec import SpecError, load_spec
@@ -52,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
                                   feature_net_sha256=net.sha256, path=out, keep_features=PR_MAX_SAMPLES,
                                   extra_provenance={"image_size": d.image_size, "num_examples": info.num_examples,
                                                     "verified_weights": ev.verify_inception})
+    from shortcut.evaluation.noise_floor import noise_floor
+
+    floors = ref.provenance.setdefault("noise_floor", {})
+    for n in sorted({ev.num_samples, *args.floor}):
+        floors[str(n)] = noise_floor(ref.features, ref, n, source=f"draws from the first {len(ref.features)} images "
+                                     "of the reference set itself (no held-out images): a lower bound")
+        print(f"noise floor at {n} samples: {floors[str(n)]['value']:.3f} (std {floors[str(n)]['std']:.3f}, "
+              f"{floors[str(n)]['draws']} draws)")
+    ref.save(out)
     print(f"wrote {out}: {ref.count} images of {d.dataset}/{d.split}, feature net {net.name} {net.sha256[:12]}")
     return 0
 

@@ -1,15 +1,23 @@
-"""The paper's pairwise findings, checked on our runs (written by make_tables next to each table).
+"""The paper's pairwise findings, checked on our runs with statistical verdicts (written by make_tables).
 
 A finding is read off the paper's CelebA-HQ column of Table 1 (results/paper/table1.csv): shortcut
 models against each other method, at each step count where the paper prints neither cell in
 parentheses ("evaluation under conditions that the objective is not intended to support"), e.g.
-"Shortcut Models beat Flow Matching at 128 steps (6.9 vs 7.3)" or "Live Reflow beats Shortcut
-Models at 128 steps (6.3 vs 6.9)". Lower is better.
+"Shortcut Models beat Flow Matching at 128 steps (6.9 vs 7.3)". Lower is better.
 
-On our runs, the difference of a seed is other - shortcut in our metric, paired by seed (the runs of
-one seed share their evaluation noise). A finding holds in a seed when that difference has the
-paper's sign (a tie holds nowhere). Reported: mean +- std (n-1) of the difference over the seeds that
-have both values, and in how many of them the finding holds; a finding without both values says so.
+On our runs, the difference of a seed is other - shortcut, paired by seed (the runs of one seed share
+their evaluation noise and, for students, their teacher). Reported: the mean difference and its 95 %
+interval, Student's t over the seeds (n >= 2), or with one seed the normal interval of the two values'
+bootstrap spreads over their samples. The verdict is one of three:
+
+  holds         the interval excludes zero, |mean| is above the metric's noise floor, and the sign is the paper's
+  reversed      the same, with the opposite sign
+  not resolved  the interval contains zero, or |mean| is within the noise floor (real data scores that much)
+
+An unresolved finding says how many seeds would resolve it at the observed spread (none can when the
+difference is within the floor). Each finding also gives the compute ratio of the two sides (other /
+shortcut, teachers and pair generation included) and, where both runs have convergence curves, the same
+verdict read at matched compute: both curves at the smaller of the two runs' total compute.
 """
 
 from __future__ import annotations
@@ -54,20 +62,95 @@ def paper_findings(paper: pd.DataFrame) -> list[PaperFinding]:
     return out
 
 
+Z95 = 1.959963984540054
+MAX_SEEDS = 1000
+VERDICTS = ("holds", "reversed", "not resolved")
+
+
+def t_quantile(n: int) -> float:
+    """The 97.5 % quantile of Student's t with n - 1 degrees of freedom (n >= 2)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def interval(diffs: list[float], spreads: list[float | None] = ()) -> tuple[float, float, float, str] | None:
+    """(mean, low, high, how) of a 95 % interval of the mean difference: t over seeds for two or more, or
+    with one seed +- 1.96 x its bootstrap std (`spreads`); None when neither is possible."""
+    n = len(diffs)
+    if n >= 2:
+        mean, std = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+        half = t_quantile(n) * std / np.sqrt(n)
+        return mean, mean - half, mean + half, f"t over {n} seeds"
+    if n == 1 and spreads and spreads[0] is not None:
+        return diffs[0], diffs[0] - Z95 * spreads[0], diffs[0] + Z95 * spreads[0], "bootstrap over samples (1 seed)"
+    return None
+
+
+def verdict(sign: int, ci: tuple[float, float, float, str] | None, floor: float | None) -> str:
+    """holds / reversed / not resolved (see the module docstring); 'no interval' without one."""
+    if ci is None:
+        return "no interval"
+    mean, low, high, _ = ci
+    if low <= 0 <= high or (floor is not None and abs(mean) <= floor):
+        return "not resolved"
+    return "holds" if int(np.sign(mean)) == sign else "reversed"
+
+
+def seeds_to_resolve(diffs: list[float], floor: float | None) -> int | None:
+    """The fewest seeds whose t interval would exclude zero at the observed mean and spread; None when no
+    number can (the difference is within the noise floor, or there is no spread to extrapolate from)."""
+    if len(diffs) < 2:
+        return None
+    mean, std = abs(float(np.mean(diffs))), float(np.std(diffs, ddof=1))
+    if (floor is not None and mean <= floor) or mean == 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if t_quantile(n) * std / np.sqrt(n) < mean:
+            return n
+    return None
+
+
+def read_curve(points: list[tuple[float, float, float | None]], compute: float) -> tuple[float, float | None] | None:
+    """(value, bootstrap std) of a curve [(compute, value, std)] at `compute`, linear in log compute between
+    the two points around it; None outside the curve."""
+    pts = sorted(p for p in points if p[0] and p[0] > 0)
+    if not pts or compute < pts[0][0] * (1 - 1e-9) or compute > pts[-1][0] * (1 + 1e-9):
+        return None
+    for (c0, v0, s0), (c1, v1, s1) in zip(pts, pts[1:]):
+        if c0 <= compute <= c1:
+            w = 0.0 if c1 == c0 else (np.log(compute) - np.log(c0)) / (np.log(c1) - np.log(c0))
+            std = None if s0 is None or s1 is None else (1 - w) * s0 + w * s1
+            return (1 - w) * v0 + w * v1, std
+    return pts[-1][1], pts[-1][2]  # compute equals the only point
+
+
+@dataclasses.dataclass
+class Side:
+    """What a finding needs of one row at one step count, per seed."""
+    values: dict  # seed -> value
+    spreads: dict  # seed -> bootstrap std (or None)
+    compute: dict  # seed -> total training FLOPs (or None)
+    curves: dict  # seed -> [(compute, value, bootstrap std)]
+    floor: float | None
+
+
 @dataclasses.dataclass
 class Check:
     finding: PaperFinding
     ours: str  # our row compared with our shortcut row ("" when there is none)
     diffs: dict  # seed -> our other - shortcut
     no_data: str = ""  # why nothing could be compared
+    spreads: dict = dataclasses.field(default_factory=dict)  # seed -> bootstrap std of the difference
+    floor: float | None = None
+    compute_ratio: float | None = None  # other / shortcut, mean over seeds
+    matched: dict = dataclasses.field(default_factory=dict)  # seed -> difference at matched compute
+    matched_spreads: dict = dataclasses.field(default_factory=dict)
+    matched_note: str = ""
 
     @property
     def n(self) -> int:
         return len(self.diffs)
-
-    @property
-    def holds_in(self) -> int:
-        return sum(int(np.sign(d)) == self.finding.sign for d in self.diffs.values())
 
     @property
     def mean(self) -> float | None:
@@ -78,18 +161,61 @@ class Check:
         return float(np.std(list(self.diffs.values()), ddof=1)) if self.n > 1 else None
 
     @property
+    def interval(self):
+        return interval(list(self.diffs.values()), list(self.spreads.values()))
+
+    @property
     def verdict(self) -> str:
-        if not self.n:
-            return "no data: " + self.no_data
-        seeds = f"{self.holds_in}/{self.n} seed{'s' if self.n > 1 else ''}"
-        if self.holds_in == self.n:
-            return f"holds ({seeds})"
-        return f"does not hold ({seeds})" if self.holds_in == 0 else f"mixed ({seeds})"
+        return ("no data: " + self.no_data) if not self.n else verdict(self.finding.sign, self.interval, self.floor)
+
+    @property
+    def seeds_needed(self) -> int | None:
+        return seeds_to_resolve(list(self.diffs.values()), self.floor)
+
+    @property
+    def matched_interval(self):
+        return interval(list(self.matched.values()), list(self.matched_spreads.values()))
+
+    @property
+    def matched_verdict(self) -> str:
+        if not self.matched:
+            return "n/a" + (f": {self.matched_note}" if self.matched_note else "")
+        return verdict(self.finding.sign, self.matched_interval, self.floor)
+
+    @property
+    def compute_differs(self) -> bool:
+        return self.compute_ratio is not None and abs(self.compute_ratio - 1) > 0.1
+
+
+def _pair(f: PaperFinding, s: Side, o: Side, label: str, why_missing: str) -> Check:
+    seeds = sorted(set(s.values) & set(o.values))
+    diffs = {k: o.values[k] - s.values[k] for k in seeds}
+    spreads = {k: (None if s.spreads.get(k) is None or o.spreads.get(k) is None
+                   else float(np.hypot(s.spreads[k], o.spreads[k]))) for k in seeds}
+    floors = [x for x in (s.floor, o.floor) if x is not None]
+    ratios = [o.compute[k] / s.compute[k] for k in seeds if o.compute.get(k) and s.compute.get(k)]
+    check = Check(f, label, diffs, "" if diffs else why_missing, spreads, max(floors) if floors else None,
+                  float(np.mean(ratios)) if len(ratios) == len(seeds) and ratios else None)
+    notes = set()
+    for k in seeds:
+        cs, co = s.curves.get(k) or [], o.curves.get(k) or []
+        if not cs or not co:
+            notes.add("no convergence curve")
+            continue
+        at = min(max(p[0] for p in cs), max(p[0] for p in co))
+        a, b = read_curve(cs, at), read_curve(co, at)
+        if a is None or b is None:
+            notes.add("one curve starts above the other's total compute")
+            continue
+        check.matched[k] = b[0] - a[0]
+        check.matched_spreads[k] = None if a[1] is None or b[1] is None else float(np.hypot(a[1], b[1]))
+    check.matched_note = "; ".join(sorted(notes)) if not check.matched else ""
+    return check
 
 
 def check(findings: list[PaperFinding], rows, name: Callable[[str], str]) -> list[Check]:
-    """Each finding against our rows (objects with .method, .label and .per_seed: steps -> {seed: value});
-    one check per (our shortcut row, our row of the other method) pair, or one saying what is missing."""
+    """Each finding against our rows (objects with .method, .label and .side(steps) -> Side); one check per
+    (our shortcut row, our row of the other method) pair, or one saying what is missing."""
     ours = {}
     for r in rows:
         if r.per_seed:
@@ -102,11 +228,11 @@ def check(findings: list[PaperFinding], rows, name: Callable[[str], str]) -> lis
             out.append(Check(f, "", {}, "no run of " + " and ".join(name(m) for m in missing)))
             continue
         for s, o in pairs:
-            a, b = s.per_seed.get(f.num_steps, {}), o.per_seed.get(f.num_steps, {})
-            diffs = {seed: b[seed] - a[seed] for seed in sorted(set(a) & set(b))}
-            why = "" if diffs else (f"no {f.num_steps}-step value of " + " and ".join(
-                r.label for r, v in ((s, a), (o, b)) if not v) if not (a and b) else "no seed has both values")
-            out.append(Check(f, o.label if len(pairs) == 1 else f"{o.label} vs {s.label}", diffs, why))
+            a, b = s.side(f.num_steps), o.side(f.num_steps)
+            why = (f"no {f.num_steps}-step value of " + " and ".join(
+                r.label for r, v in ((s, a), (o, b)) if not v.values)) if not (a.values and b.values) \
+                else "no seed has both values"
+            out.append(_pair(f, a, b, o.label if len(pairs) == 1 else f"{o.label} vs {s.label}", why))
     return out
 
 
@@ -116,37 +242,70 @@ def statement(f: PaperFinding, name: Callable[[str], str]) -> str:
            f"step{'s' if f.num_steps > 1 else ''}"
 
 
+def _ci_text(ci) -> str:
+    return "-" if ci is None else f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
+
+
 def to_frame(checks: list[Check], name: Callable[[str], str]) -> pd.DataFrame:
-    return pd.DataFrame([{
-        "finding": statement(c.finding, name), "method": c.finding.method, "num_steps": c.finding.num_steps,
-        "paper_shortcut": c.finding.shortcut, "paper_other": c.finding.other, "paper_sign": c.finding.sign,
-        "ours": c.ours, "ours_mean_diff": c.mean, "ours_std_diff": c.std, "ours_n": c.n, "holds_in": c.holds_in,
-        "seeds": ",".join(map(str, c.diffs)), **{f"diff_seed_{s}": d for s, d in c.diffs.items()},
-        "verdict": c.verdict} for c in checks])
+    rows = []
+    for c in checks:
+        ci, mci = c.interval, c.matched_interval
+        rows.append({
+            "finding": statement(c.finding, name), "method": c.finding.method, "num_steps": c.finding.num_steps,
+            "paper_shortcut": c.finding.shortcut, "paper_other": c.finding.other, "paper_sign": c.finding.sign,
+            "ours": c.ours, "ours_mean_diff": c.mean, "ours_std_diff": c.std, "ours_n": c.n,
+            "ci_low": ci[1] if ci else None, "ci_high": ci[2] if ci else None, "ci_method": ci[3] if ci else "",
+            "noise_floor": c.floor, "verdict": c.verdict, "seeds_to_resolve": c.seeds_needed,
+            "compute_ratio": c.compute_ratio, "compute_differs": c.compute_differs,
+            "matched_mean_diff": mci[0] if mci else None, "matched_ci_low": mci[1] if mci else None,
+            "matched_ci_high": mci[2] if mci else None, "matched_verdict": c.matched_verdict,
+            "seeds": ",".join(map(str, c.diffs)), **{f"diff_seed_{s}": d for s, d in c.diffs.items()}})
+    return pd.DataFrame(rows)
+
+
+def _resolve_text(c: Check) -> str:
+    if c.verdict != "not resolved":
+        return ""
+    if c.floor is not None and c.mean is not None and abs(c.mean) <= c.floor:
+        return "none: within the floor"
+    k = c.seeds_needed
+    return "-" if k is None and c.n < 2 else (f"{k}" if k is not None else f"> {MAX_SEEDS}")
+
+
+def counts(checks: list[Check]) -> dict:
+    """How many checks hold, are reversed, are not resolved, have no data."""
+    out = {v: sum(c.verdict == v for c in checks) for v in VERDICTS}
+    out["no data"] = sum(c.n == 0 for c in checks)
+    return out
 
 
 def to_markdown(checks: list[Check], dataset: str, ours_tag: str, name: Callable[[str], str],
                 notes: tuple[str, ...] = ()) -> str:
     findings = {c.finding for c in checks}
     lines = [f"## {dataset}: the paper's findings (Table 1, CelebA-HQ, FID-50k), checked on ours ({ours_tag})", "",
-             f"| # | Paper's finding | Paper: shortcut vs other | Ours: other - shortcut ({ours_tag}) | "
-             "Holds in | Verdict |", "| ---: | --- | ---: | ---: | ---: | --- |"]
+             "| # | Paper's finding | Paper: shortcut vs other | Ours: other - shortcut, mean [95 % interval] | "
+             "Noise floor | Verdict | Seeds to resolve | Compute other / shortcut | At matched compute |",
+             "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for i, c in enumerate(checks, 1):
         f = c.finding
-        diff = "-" if c.mean is None else f"{c.mean:+.2f}" + ("" if c.std is None else f" ± {c.std:.2f}")
         what = statement(f, name) + (f" [{c.ours}]" if c.ours and c.ours != name(f.method) else "")
-        lines.append(f"| {i} | {what} | {f.shortcut:.1f} vs {f.other:.1f} | {diff} | "
-                     f"{f'{c.holds_in}/{c.n}' if c.n else '-'} | {c.verdict} |")
-    counts = {"hold in every seed": sum(c.n > 0 and c.holds_in == c.n for c in checks),
-              "are mixed": sum(0 < c.holds_in < c.n for c in checks),
-              "hold in no seed": sum(c.n > 0 and c.holds_in == 0 for c in checks),
-              "have no data": sum(c.n == 0 for c in checks)}
-    lines += ["", f"- Of the paper's {len(findings)} findings ({len(checks)} checks): "
-              + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".",
-              "- A finding is shortcut vs another method at a step count where the paper prints neither cell in "
-              "parentheses. Lower is better; our difference is other - shortcut per seed (positive: shortcut "
-              "better), mean ± std (n-1) over the seeds with both values; it holds in a seed when its sign is "
-              "the paper's."]
+        ratio = "-" if c.compute_ratio is None else f"{c.compute_ratio:.2f}" + (" (differs)" if c.compute_differs
+                                                                                else "")
+        matched = c.matched_verdict if not c.matched else f"{c.matched_verdict}: {_ci_text(c.matched_interval)}"
+        lines.append(f"| {i} | {what} | {f.shortcut:.1f} vs {f.other:.1f} | {_ci_text(c.interval)} | "
+                     f"{'-' if c.floor is None else f'{c.floor:.2f}'} | {c.verdict} | {_resolve_text(c) or '-'} | "
+                     f"{ratio} | {matched} |")
+    k = counts(checks)
+    lines += ["", f"- Of the paper's {len(findings)} findings ({len(checks)} checks): {k['holds']} hold, "
+              f"{k['reversed']} are reversed, {k['not resolved']} are not resolved, {k['no data']} have no data.",
+              "- Lower is better; our difference is other - shortcut per seed (positive: shortcut better). The "
+              "interval is Student's t over the seeds, or with one seed +- 1.96 bootstrap stds over the samples. "
+              "A finding holds (or is reversed) only when its interval excludes zero and the difference exceeds "
+              "the metric's noise floor (real images against the same reference at the same sample count); "
+              "otherwise it is not resolved, with the seeds that would resolve it at the observed spread.",
+              "- Compute: total training FLOPs (XLA cost analysis x steps; a student's teacher and pair "
+              "generation included), other / shortcut; '(differs)' marks more than 10 % apart. At matched "
+              "compute: both runs' convergence curves read at the smaller total compute of the two."]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -160,7 +319,8 @@ def budget_note(records: list[dict], dataset: str) -> str:
             budgets.setdefault((t.get("steps"), t.get("batch_size"), r["arch"]), []).append(r["name"])
     if len(budgets) == 1:
         (steps, batch, arch), = budgets
-        return f"Budget: every run trained {steps} steps at batch {batch} with {arch} (students' teachers not counted)."
+        return (f"Budget: every run trained {steps} steps at batch {batch} with {arch}; a student's teacher trained "
+                "before it (its compute is in the compute ratio, not in the steps).")
     parts = [f"{steps} steps, batch {batch}, {arch}: {', '.join(sorted(set(names)))}"
              for (steps, batch, arch), names in budgets.items()]
     return "Budgets differ between runs, so differences may come from the budget: " + "; ".join(parts) + "."

@@ -64,17 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------ finding the run
 
 
-def _record(rundir: Path) -> dict | None:
-    try:
-        return json.loads((rundir / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def find_run(name_or_dir: str, workdir: str | None = None, overrides: list[str] | tuple = (),
              log=print) -> Path:
     """The run directory named by a path or a spec name (see the module docstring)."""
-    from shortcut.run import run_dir
+    from shortcut.record import finished as is_finished
+    from shortcut.record import read, run_dir
     from shortcut.spec import flatten, load_spec, spec_path
 
     path = Path(name_or_dir)
@@ -88,12 +82,12 @@ def find_run(name_or_dir: str, workdir: str | None = None, overrides: list[str] 
         raise GenerateError(f"no run directory or spec named {name_or_dir!r}") from None
     spec = load_spec(name_or_dir, overrides)
     exact = run_dir(spec, workdir)
-    record = _record(exact)
-    if record and record.get("status") == "finished":
+    record = read(exact)
+    if is_finished(record):
         return exact
     parent = exact.parent
     finished = [(r.get("finished") or "", d, r) for d in sorted(parent.glob("*")) if d != exact
-                for r in [_record(d)] if r and r.get("status") == "finished"]
+                for r in [read(d)] if is_finished(r)]
     if not finished:
         state = f"its run {exact} is {record.get('status')}" if record else f"no run in {exact}"
         raise GenerateError(f"{spec.name} has no finished run ({state}); train it with run_experiment "
@@ -129,9 +123,10 @@ def _parse_classes(text: str, num_classes: int) -> list[int] | None:
 def load_run(rundir: Path, steps, cfg: float | None, params: str | None):
     """(spec with the requested eval.steps / cfg_scale / params, its record): the run's own spec, so
     the step counts are checked exactly as a run's evaluation checks them."""
+    from shortcut.record import read
     from shortcut.spec import validate
 
-    record = _record(rundir)
+    record = read(rundir)
     if record is None or "spec" not in record:
         raise GenerateError(f"{rundir}/run.json is missing or unreadable")
     tree = json.loads(json.dumps(record["spec"]))
@@ -215,11 +210,8 @@ def _progress(items, desc: str):
 
 def _model(spec, record: dict, rundir: Path):
     """(parameters, checkpoint step, jit-compiled sampler, latent decoder or None) of a run."""
-    from shortcut import methods
-    from shortcut.run import make_codec
-    from shortcut.sampling import make_sampler
+    from shortcut import assembly
     from shortcut.stages import TeacherError, load_ema_params
-    from shortcut.train import build_model, make_apply_fn
 
     try:
         params, step = load_ema_params(rundir / "checkpoints", "ema_params" if spec.eval.params == "ema" else "params")
@@ -228,9 +220,8 @@ def _model(spec, record: dict, rundir: Path):
     if record.get("status") != "finished":
         print(f"note: {rundir} is {record.get('status')}; sampling its latest checkpoint (step {step})",
               file=sys.stderr)
-    sampler = make_sampler(methods.make_objective(spec), make_apply_fn(build_model(spec)))
-    codec = make_codec(spec, bool(record.get("smoke")), {})
-    return params, step, sampler, codec.decode if codec else None
+    parts = assembly.build(spec, smoke=bool(record.get("smoke")))
+    return params, step, parts.sampler, parts.codec.decode if parts.codec else None
 
 
 if __name__ == "__main__":

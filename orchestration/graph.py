@@ -12,7 +12,9 @@ node); a student's teacher (its `teacher:` spec) is a node it depends on, added 
 not list it, with the student's seed: the student of seed s distils the teacher of seed s.
 make_tables aggregates the seeds of one configuration into mean +- std. Nodes run as Ray tasks
 (orchestration/cluster.py) as soon as their teachers finished, in parallel where resources allow.
-A node whose run directory already holds a finished run with the same hash is skipped. A failed node
+A node whose run directory already holds a finished run with the same hash is skipped; one whose run
+directory another process holds (shortcut/run_lock.py: a plain run, another table) is running elsewhere,
+and the graph waits for that run's record instead of starting it. A failed node
 fails only itself and the students waiting for it; the summary says which failed and why, and a
 rerun redoes only what is missing. The graph ends by running make_tables.
 """
@@ -77,7 +79,7 @@ class Node:
     spec: Spec  # as it runs (the --smoke version under --smoke)
     deps: list[str]
     show_seed: bool = False  # the table runs several seeds: labels say which
-    status: str = "waiting"  # waiting | cached | running | finished | failed | skipped
+    status: str = "waiting"  # waiting | cached | running | elsewhere | finished | failed | skipped
     error: str | None = None
     outcome: dict | None = None
     started: float | None = None
@@ -93,7 +95,7 @@ def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = Fa
     """The nodes of a table, keyed by spec hash: for each seed of the table, every experiment and its
     teacher (with the same seed); every teacher comes before the experiments that wait for it, so the
     longest chains start first."""
-    from shortcut.run import smoke_version
+    from shortcut.spec import smoke_version
 
     nodes: dict[str, Node] = {}
 
@@ -141,11 +143,9 @@ def _fits(need: dict[str, float], in_use: dict[str, float], cluster: dict[str, f
 
 
 def _finished(node: Node, workdir: Path) -> bool:
-    from shortcut.run import run_dir
-    from shortcut.stages import _read_record
+    from shortcut import record
 
-    record = _read_record(run_dir(node.spec, workdir))
-    return bool(record) and record.get("status") == "finished"
+    return record.finished(record.read(record.run_dir(node.spec, workdir)), node.spec.hash())
 
 
 class _Board:
@@ -222,9 +222,12 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
     # cluster that autoscales provides it later.
     in_use: collections.Counter = collections.Counter()
     last_progress = time.time()
+    workdir = Path(launch_kwargs["workdir"])
     while True:
         capacity = ray.cluster_resources()  # once a pass: an autoscaling cluster may have grown
         for key, node in nodes.items():
+            if node.status == "elsewhere":
+                _check_elsewhere(node, workdir, say)
             if node.status != "waiting":
                 continue
             dep_status = [nodes[d].status for d in node.deps]
@@ -234,6 +237,8 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
                                                     if nodes[d].status in ("failed", "skipped")) + " did not finish"
                 say(f"{node.label}: skipped ({node.error})")
             elif all(s in ("finished", "cached") for s in dep_status):
+                if _running_elsewhere(node, workdir, say):
+                    continue
                 need = cluster.demand(node.spec.resources)
                 if running and not _fits(need, in_use, capacity):
                     continue
@@ -246,7 +251,10 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
                 say(f"{node.label}: submitted" + (f" (after {', '.join(nodes[d].label for d in node.deps)})"
                                                   if node.deps else ""))
         if not running:
-            break
+            if not any(n.status == "elsewhere" for n in nodes.values()):
+                break
+            time.sleep(2.0)
+            continue
         done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
         board_now = ray.get(board.snapshot.remote()) if done else {}
         for ref in done:
@@ -271,6 +279,42 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
             say(_progress_line(nodes, running, ray.get(board.snapshot.remote())))
 
 
+def _running_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> bool:
+    """Whether another process (a plain run, another table or sweep) holds the node's run directory; if so
+    the node waits for that run's record instead of starting a second writer (shortcut/run_lock.py)."""
+    from shortcut import run_lock
+    from shortcut.record import run_dir
+
+    holder = run_lock.holder(run_dir(node.spec, workdir))
+    if holder is None:
+        return False
+    node.status = "elsewhere"
+    say(f"{node.label}: running elsewhere ({run_lock.describe(holder)}); waiting for its record")
+    return True
+
+
+def _check_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> None:
+    """A node running elsewhere whose run directory is free again: finished there (cached, with that run's
+    record), else waiting (started here next, resuming from that run's last checkpoint)."""
+    from orchestration.worker import outcome
+    from shortcut import run_lock
+    from shortcut.record import read as _read_record
+    from shortcut.record import run_dir
+
+    rundir = run_dir(node.spec, workdir)
+    if run_lock.holder(rundir) is not None:
+        return
+    record = _read_record(rundir) or {}
+    if record.get("status") == "finished" and record.get("spec_hash") == node.spec.hash():
+        node.status, node.outcome = "cached", outcome(record, tracked=False)
+        node.error = f"finished elsewhere (pid {record.get('pid', '?')} on {record.get('host', '?')})"
+        say(f"{node.label}: {node.error}: {_metrics(node.outcome)}")
+    else:
+        node.status = "waiting"
+        say(f"{node.label}: the run elsewhere ended ({record.get('status', 'no record')}); starting it here "
+            "(it resumes from the last checkpoint)")
+
+
 def _stop(running: dict, nodes: dict[str, Node], say: Callable[[str], None]) -> None:
     """Cancel the running experiments (each saves a checkpoint, as on Ctrl-C) and wait a while for them."""
     from orchestration import cluster
@@ -289,7 +333,8 @@ def _progress_line(nodes: dict[str, Node], running: dict, board: dict) -> str:
         b = board.get(key, {})
         where = f"{b['step']}/{b['total']}" if "step" in b else b.get("phase", "queued")
         parts.append(f"{nodes[key].spec.name} {where}")
-    counts = {s: sum(n.status == s for n in nodes.values()) for s in ("finished", "cached", "failed", "waiting")}
+    counts = {s: sum(n.status == s for n in nodes.values())
+              for s in ("finished", "cached", "elsewhere", "failed", "waiting")}
     return "running: " + ", ".join(parts) + " | " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
 
 

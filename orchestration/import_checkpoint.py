@@ -226,10 +226,10 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
     import jax.numpy as jnp
     from clu import parameter_overview
 
-    from shortcut import methods
+    from shortcut import assembly
     from shortcut.checkpoint import Checkpointer
-    from shortcut.run import git_commit, run_dir, write_json
-    from shortcut.train import build_model, init_state, make_optimizer
+    from shortcut.record import git_commit, run_dir, write_json
+    from shortcut.train import init_state
 
     if spec.model.architecture != "official":
         raise ImportMismatch(f"spec {spec.name} has model.architecture {spec.model.architecture}; an official "
@@ -238,13 +238,14 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
         raise ImportMismatch(f"spec {spec.name} starts from a teacher; import into a spec without one")
     checkpoint = checkpoint_file(checkpoint)
     official = load_official(checkpoint)
-    model, optimizer = build_model(spec), make_optimizer(spec.optimizer)
+    parts = assembly.build(spec)
+    model, optimizer = parts.model, parts.optimizer
     x = jnp.zeros((1, *spec.input_shape))
     expected = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), jnp.ones((1,)),
                               jnp.zeros((1,), jnp.int32))["params"]
     params = map_params(official["params"], expected)  # checked before anything is built or written
     ema = map_params(official.get("params_ema", official["params"]), expected)
-    state = init_state(spec, model, optimizer, methods.make_objective(spec))
+    state = init_state(spec, model, optimizer, parts.objective)
     opt_state, count, opt_note = map_opt_state(official.get("opt_state"), params, optimizer)
     # The official step starts at 1 before any update; Adam's count is the number of updates.
     step = count if count is not None else max(_scalar(official.get("step", 1)) - 1, 0)
@@ -252,6 +253,9 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
     state = state.replace(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema, opt_state=opt_state)
 
     rundir = run_dir(spec, workdir)
+    from shortcut.run_lock import RunLock
+
+    lock = RunLock(rundir).acquire()  # RunLocked if a run is writing there; held until this function returns
     checkpointer = Checkpointer(rundir / "checkpoints", keep=spec.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         checkpointer.close()
@@ -271,6 +275,7 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
                      "note": "parameters trained by the official code; no data-iterator position, not resumable"},
     })
     log(f"imported {checkpoint} (step {step}, {opt_note}) into {rundir}")
+    lock.release()
     return rundir
 
 
@@ -291,12 +296,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from shortcut.run_lock import RunLocked
     from shortcut.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec, args.overrides)
         import_checkpoint(args.checkpoint, spec, args.workdir)
-    except (SpecError, ImportMismatch) as e:
+    except (SpecError, ImportMismatch, RunLocked) as e:
         print(f"import_checkpoint: {e}", file=sys.stderr)
         return 2
     return 0

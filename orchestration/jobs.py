@@ -18,19 +18,19 @@ run_experiment gives it `--workdir ~/shortcut-models/runs` and `--results-dir ~/
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+
+from shortcut.record import git_commit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -97,25 +97,27 @@ def connect(address: str) -> JobSubmissionClient:
 
 
 def submit(argv: list[str], address: str, *, working_dir: Path = REPO_ROOT, env_vars: dict[str, str] | None = None,
-           submission_id: str | None = None, out: TextIO | None = None) -> tuple[JobSubmissionClient, str]:
+           submission_id: str | None = None, out: TextIO | None = None,
+           name: str | None = None) -> tuple[JobSubmissionClient, str]:
     """Submit `python -m orchestration.run_experiment ARGV` as a Ray job running in a copy of `working_dir`.
 
     The cluster's `python` must have the project's dependencies (see the module docstring). The job's
     environment from this side: this process's SHORTCUT_* and MLFLOW_TRACKING_URI, updated with `env_vars`
     (visible to anyone who can read the cluster's job list: no secrets). Returns the client and the job's
-    submission id, by default `shortcut-<spec>-<timestamp>-<4 hex>`.
+    submission id, by default `shortcut-<spec>-<timestamp>-<4 hex>`; `name` is the spec's (default: the
+    first argument that is not an option).
     """
     client = connect(address)
-    name = _spec_name(argv)
+    name = Path(name or next((a for a in argv if not a.startswith("-")), "run")).stem
     submission_id = submission_id or (f"shortcut-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-"
                                       f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
     job_env = {k: v for k, v in os.environ.items() if k.startswith("SHORTCUT_") or k == "MLFLOW_TRACKING_URI"}
-    job_env["SHORTCUT_GIT_COMMIT"] = _git_commit(working_dir)  # the uploaded copy has no .git
+    job_env["SHORTCUT_GIT_COMMIT"] = git_commit(working_dir)  # the uploaded copy has no .git
     job_env.update({k: str(v) for k, v in (env_vars or {}).items()})
     runtime_env: dict = {"working_dir": str(working_dir), "excludes": EXCLUDES}
     if job_env:
         runtime_env["env_vars"] = job_env
-    metadata = {"spec": name, "argv": shlex.join(argv), "git_commit": _git_commit(working_dir)}
+    metadata = {"spec": name, "argv": shlex.join(argv), "git_commit": job_env["SHORTCUT_GIT_COMMIT"]}
     try:
         with _quiet_ray_sdk():
             job_id = client.submit_job(entrypoint=shlex.join(["python", "-m", "orchestration.run_experiment", *argv]),
@@ -258,26 +260,3 @@ def _reason(e: Exception) -> str:
         return f"no answer within {CONNECT_TIMEOUT_S:g}s"
     m = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e))
     return m.group(1).strip() if m else type(e).__name__
-
-
-def _spec_name(argv: list[str]) -> str:
-    """The spec name in run_experiment's arguments (for the job id and metadata); `run` if none."""
-    from orchestration.run_experiment import parser
-
-    try:
-        with redirect_stderr(io.StringIO()):  # a bad argument fails in the job, with its message in the logs
-            name = parser().parse_known_args(argv)[0].name
-    except SystemExit:
-        name = None
-    return Path(name).stem if name else "run"
-
-
-def _git_commit(path: Path) -> str:
-    """HEAD of the checkout, `-dirty` with uncommitted changes to tracked files (they are uploaded too)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

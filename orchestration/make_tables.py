@@ -17,6 +17,7 @@ a column `N-step, w = ...` for each further one. Outputs:
                                                             column) checked on these runs, per seed (findings.py)
     results/tables/index.md                                 every Markdown table in one file
     results/figures/steps_<dataset>_<metric>.png            metric vs number of steps, one line per method
+    results/figures/curves_<dataset>_<metric>.png           convergence: metric vs training compute, per method
     results/figures/samples_<dataset>.png                   Figure-1 style: same starting noise, one row per
                                                             method, one column per step count (the first
                                                             sample of each run's grids, see results.py)
@@ -34,26 +35,20 @@ import pandas as pd
 
 from orchestration import findings as findings_lib
 from orchestration import results as results_lib
+from shortcut import methods
 
 MISSING = "-"
-# Row order: Table 1's end-to-end methods, then its two-phase (distillation) methods, then anything else.
-METHOD_ORDER = ["diffusion", "flow_matching", "consistency_training", "live_reflow", "shortcut",
-                "progressive_distillation", "consistency_distillation", "reflow"]
-METHOD_NAMES = {"diffusion": "Diffusion", "flow_matching": "Flow Matching",
-                "consistency_training": "Consistency Training", "live_reflow": "Live Reflow",
-                "shortcut": "Shortcut Models",
-                "progressive_distillation": "Progressive Distillation",
-                "consistency_distillation": "Consistency Distillation", "reflow": "Reflow", "meanflow": "MeanFlow"}
 METRIC_NAMES = {"fid": "FID"}  # every other metric is shown under its own name (e.g. fd_digits)
 # scores recorded beside the Frechet distance in each evaluation entry (shortcut/evaluation/sample_metrics.py),
 # shown with `make_tables --metric NAME`
 SCORES = ("inception_score", "precision", "recall", "is_digits", "precision_digits", "recall_digits",
-          "class_accuracy")
-HIGHER_IS_BETTER = frozenset(SCORES)
+          "class_accuracy", "fd_digits_train", "memorisation")
+HIGHER_IS_BETTER = frozenset(SCORES) - {"fd_digits_train", "memorisation"}
 METRIC_DESCRIPTIONS = {
     "fid": "FID: Frechet distance of Inception-v3 pool3 features to the dataset's reference statistics",
     "fd_digits": "fd_digits: Frechet distance in the hidden features of the project's small digits classifier, "
-                 "to the statistics of the whole digits dataset (offline stand-in; not FID, not comparable to FID)",
+                 "to the statistics of the reference named below (offline stand-in; not FID, not comparable to FID)",
+    "fd_digits_train": "fd_digits_train: fd_digits against the training split's statistics (rewards memorisation)",
     "inception_score": "inception_score: Inception Score (mean over 10 splits) on the FID Inception's logits "
                        "(its 1008-way layer, no bias), from the same pass as FID",
     "precision": "precision: improved precision (Kynkaanniemi et al. 2019, k = 3) on Inception pool3 features, "
@@ -68,7 +63,8 @@ METRIC_DESCRIPTIONS = {
 
 
 def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method.replace("_", " ").title())
+    """A method's row name: its objective's display name (shortcut/methods.py)."""
+    return methods.display_name(method)
 
 
 def samples_tag(counts) -> str:
@@ -108,9 +104,14 @@ def our_values(records: list[dict]) -> pd.DataFrame:
                          "arch": rec["arch"], "config": rec["config_hash"], "name": rec["name"],
                          "seed": int(rec["seed"]), "spec_hash": rec["spec_hash"], "num_steps": int(e["num_steps"]),
                          "value": float(e["value"]), "num_samples": int(e["num_samples"]), "train_step": last,
-                         "cfg_scale": e.get("cfg_scale"), "finished": rec.get("finished") or ""})
+                         "cfg_scale": e.get("cfg_scale"), "finished": rec.get("finished") or "",
+                         "bootstrap_std": e.get("bootstrap_std"),
+                         "noise_floor": (e.get("noise_floor") or {}).get("value"),
+                         "memorisation": e.get("memorisation"),
+                         "total_flops": (rec.get("compute") or {}).get("total_flops")})
     columns = ["dataset", "metric", "method", "arch", "config", "name", "seed", "spec_hash", "num_steps", "value",
-               "num_samples", "train_step", "cfg_scale", "finished", "scale_column"]
+               "num_samples", "train_step", "cfg_scale", "finished", "scale_column", "bootstrap_std", "noise_floor",
+               "memorisation", "total_flops"]
     df = pd.DataFrame(rows, columns=columns)
     # the same run twice (e.g. two MLflow runs of one spec): keep the latest
     df = df.sort_values("finished").drop_duplicates(["config", "seed", "metric", "num_steps", "scale_column"],
@@ -140,6 +141,35 @@ class Row:
     paper_unsupported: frozenset = frozenset()  # steps the paper prints in parentheses
     per_seed: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: value}
     extra: dict = dataclasses.field(default_factory=dict)  # (steps, scale column) -> (mean, std, n): further w
+    spreads: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: bootstrap std of the value}
+    floors: dict = dataclasses.field(default_factory=dict)  # steps -> the metric's noise floor
+    compute: dict = dataclasses.field(default_factory=dict)  # seed -> total training FLOPs
+    curves: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: [(FLOPs, value, bootstrap std)]}
+    memorisation: dict = dataclasses.field(default_factory=dict)  # steps -> mean memorisation score
+
+    def side(self, num_steps: int) -> findings_lib.Side:
+        """This row at one step count, per seed, as a finding reads it."""
+        return findings_lib.Side(self.per_seed.get(num_steps, {}), self.spreads.get(num_steps, {}), self.compute,
+                                 self.curves.get(num_steps, {}), self.floors.get(num_steps))
+
+    def converged(self, num_steps: int) -> bool | None:
+        """Whether doubling the training compute moved the seed-mean curve by less than the noise floor: its
+        last point against the point nearest half the last point's compute (None: no such pair, no floor).
+        Comparing two adjacent points instead would depend on how densely the curve is sampled."""
+        curve = mean_curve(self.curves.get(num_steps, {}))
+        floor = self.floors.get(num_steps)
+        if len(curve) < 2 or floor is None:
+            return None
+        (c_last, v_last), earlier = curve[-1], curve[:-1]
+        c_half, v_half = min(earlier, key=lambda p: abs(np.log(p[0]) - np.log(c_last / 2)))
+        if not 0.35 < c_half / c_last < 0.7:  # no point near half the compute
+            return None
+        return abs(v_last - v_half) < floor
+
+    @property
+    def mean_compute(self) -> float | None:
+        values = [c for c in self.compute.values() if c]
+        return float(np.mean(values)) if values and len(values) == len(self.compute) else None
 
 
 @dataclasses.dataclass
@@ -155,6 +185,15 @@ class Table:
     extra_columns: list = dataclasses.field(default_factory=list)  # (steps, "w = 1.5"): a step count's further scales
 
     @property
+    def reference_compute(self) -> float | None:
+        """The flow-matching row's mean training compute: the compute column's unit."""
+        return next((r.mean_compute for r in self.rows if r.method == "flow_matching" and r.mean_compute), None)
+
+    @property
+    def has_memorisation(self) -> bool:
+        return any(r.memorisation for r in self.rows)
+
+    @property
     def stem(self) -> str:
         return f"table1_{self.dataset}_{self.metric}"
 
@@ -163,8 +202,10 @@ class Table:
         return [c for n in self.steps for c in [(n, "")] + [e for e in self.extra_columns if e[0] == n]]
 
     def header(self) -> list[str]:
-        cols = ["Method", "Model"] + [f"{self.ours_tag} {n}-step{', ' + w if w else ''} (ours)"
-                                      for n, w in self.ours_columns()]
+        cols = ["Method", "Model"] + (["Compute (x flow)"] if self.reference_compute else [])
+        cols += [f"{self.ours_tag} {n}-step{', ' + w if w else ''} (ours)" for n, w in self.ours_columns()]
+        if self.has_memorisation:
+            cols.append(f"Memorisation {'/'.join(map(str, self.steps))}-step")
         if self.paper_tag:
             cols += [f"{self.paper_tag} {n}-step (paper)" for n in self.steps]
         return cols
@@ -174,8 +215,17 @@ class Table:
         for r in self.rows:
             max_n = max((c[2] for c in r.ours.values() if c), default=1)
             line = [r.label + (f" ({max_n} seeds)" if max_n > 1 else ""), r.arch]
+            if self.reference_compute:
+                line.append(MISSING if not r.mean_compute else f"{r.mean_compute / self.reference_compute:.2f}")
             for n, w in self.ours_columns():
-                line.append(format_ours(r.extra.get((n, w)) if w else r.ours.get(n), max_n, pm))
+                cell = r.extra.get((n, w)) if w else r.ours.get(n)
+                text = format_ours(cell, max_n, pm)
+                if not w and text != MISSING:
+                    text += cell_marks(r, n, cell[0])
+                line.append(text)
+            if self.has_memorisation:
+                line.append("/".join(f"{r.memorisation[n]:.2f}" if n in r.memorisation else MISSING
+                                     for n in self.steps))
             if self.paper_tag:
                 line += [format_paper(r.paper.get(n), n in r.paper_unsupported) for n in self.steps]
             out.append(line)
@@ -190,6 +240,40 @@ def format_ours(cell, row_n: int, pm: str = "±") -> str:
     return text + (f" (n={n})" if n != row_n else "")
 
 
+MARK_FLOOR, MARK_CONVERGED, MARK_MOVING = "≈", "✓", "↘"
+
+
+def cell_marks(r: Row, num_steps: int, mean: float) -> str:
+    """' ≈' when the cell is within the metric's noise floor; ' ✓' when its curve has converged (last two
+    points closer than the floor), ' ↘' when it is still moving; nothing where there is no curve."""
+    floor = r.floors.get(num_steps)
+    marks = MARK_FLOOR if floor is not None and mean <= floor else ""
+    converged = r.converged(num_steps)
+    marks += "" if converged is None else (MARK_CONVERGED if converged else MARK_MOVING)
+    return f" {marks}" if marks else ""
+
+
+def floor_note(records: list[dict], ds: str, metric: str) -> str | None:
+    """The line under a table: the metric's noise floor at each sample count its runs used."""
+    floors: dict[int, dict] = {}
+    for r in records:
+        if r["dataset"] != ds:
+            continue
+        for e in r.get("evaluation") or []:
+            if e.get("metric") == metric and e.get("noise_floor"):
+                floors.setdefault(int(e["num_samples"]), e["noise_floor"])
+    if not floors:
+        return None
+    parts = [f"{f['value']:.2f} ± {f['std']:.2f} at {n:,} samples ({f['draws']} draws of real images: "
+             f"{f.get('source') or 'unknown source'}{'; ' + f['note'] if f.get('note') else ''})"
+             for n, f in sorted(floors.items())]
+    return (f"Noise floor of {metric} (real images against the same reference): " + "; ".join(parts) +
+            f". {MARK_FLOOR} marks a cell within it (as good as real data at this sample count); a difference "
+            f"below it is not resolved. {MARK_CONVERGED} marks a cell whose convergence curve (seed mean) moved "
+            f"less than the floor when the training compute doubled (its last point against the one at half its "
+            f"compute), {MARK_MOVING} one still moving.")
+
+
 def format_paper(value, unsupported: bool = False) -> str:
     """A paper cell: '-' if unknown; in parentheses where the paper puts it in parentheses."""
     if value is None:
@@ -199,8 +283,8 @@ def format_paper(value, unsupported: bool = False) -> str:
 
 
 def _sort_key(method: str, arch: str, label: str):
-    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return order, method, arch, label
+    """Rows in each objective's `table_order` (Table 1's end-to-end methods, then its two-phase ones)."""
+    return methods.table_order(method), method, arch, label
 
 
 def build_tables(records: list[dict], paper: pd.DataFrame) -> list[Table]:
@@ -216,6 +300,43 @@ def build_tables(records: list[dict], paper: pd.DataFrame) -> list[Table]:
             tables.append(_table(ds, metric, agg[(agg["dataset"] == ds) & (agg["metric"] == metric)], p, records,
                                  values[(values["dataset"] == ds) & (values["metric"] == metric)]))
     return tables
+
+
+def mean_curve(by_seed: dict) -> list[tuple[float, float]]:
+    """The seeds' mean curve [(compute, value)], over the points every seed has (by position)."""
+    if not by_seed:
+        return []
+    length = min(len(points) for points in by_seed.values())
+    return [(float(np.mean([p[i][0] for p in by_seed.values()])), float(np.mean([p[i][1] for p in by_seed.values()])))
+            for i in range(length)]
+
+
+def _number(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and not np.isfinite(x)) or pd.isna(x) else float(x)
+
+
+def _row_evidence(primary: pd.DataFrame, records: list[dict], metric: str) -> dict:
+    """A row's spreads, noise floors, compute, convergence curves and memorisation, from its seeds' records."""
+    spreads = {int(n): {int(s): _number(b) for s, b in zip(v["seed"], v["bootstrap_std"])}
+               for n, v in primary.groupby("num_steps")}
+    floors = {int(n): max((f for f in map(_number, v["noise_floor"]) if f is not None), default=None)
+              for n, v in primary.groupby("num_steps")}
+    memorisation = {int(n): float(np.mean(m)) for n, v in primary.groupby("num_steps")
+                    for m in [[x for x in map(_number, v["memorisation"]) if x is not None]] if m}
+    compute = {int(s): _number(c) for s, c in zip(primary["seed"], primary["total_flops"])}
+    hashes = set(primary["spec_hash"])
+    curves: dict[int, dict[int, list]] = {}
+    for rec in records:
+        if rec["spec_hash"] not in hashes:
+            continue
+        for p in rec.get("curve") or []:
+            if p.get("metric") == metric and p.get("compute_flops"):
+                curves.setdefault(int(p["num_steps"]), {}).setdefault(int(rec["seed"]), []).append(
+                    (float(p["compute_flops"]), float(p["value"]), _number(p.get("bootstrap_std"))))
+    for by_seed in curves.values():
+        for points in by_seed.values():
+            points.sort()
+    return {"spreads": spreads, "floors": floors, "compute": compute, "curves": curves, "memorisation": memorisation}
 
 
 def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list[dict],
@@ -241,7 +362,8 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
         per_seed = {int(n): dict(zip(v["seed"].astype(int), v["value"].astype(float)))
                     for n, v in primary.groupby("num_steps")}
         rows[(method, arch, config)] = Row(method, arch, label, ours, {}, per_seed=per_seed,
-                                           extra={k: c for k, c in cells.items() if k[1]})
+                                           extra={k: c for k, c in cells.items() if k[1]},
+                                           **_row_evidence(primary, records, metric))
     for (method, arch), g in p.groupby(["method", "arch"], sort=False):
         values = {int(r.num_steps): (None if pd.isna(r.value) else float(r.value)) for r in g.itertuples()}
         unsupported = frozenset(int(r.num_steps) for r in g.itertuples() if r.unsupported and not pd.isna(r.value))
@@ -257,6 +379,19 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
     notes = [METRIC_DESCRIPTIONS.get(metric, f"{metric}: as recorded by the evaluation") + ".",
              f"Ours: {' / '.join(params) or 'EMA'} parameters at the last evaluated training step; mean ± std over "
              "seeds where a row has several (sample std); '-' = no value."]
+    references = sorted({str(e["reference"]) for r in records if r["dataset"] == ds
+                         for e in r.get("evaluation") or [] if e.get("metric") == metric and e.get("reference")})
+    if references:
+        notes.append("Reference: " + ", ".join(references) + ("" if any("heldout" in x for x in references) else
+                     " (includes the training images: a model that reproduces them scores well)") + ".")
+    notes += [n for n in [floor_note(records, ds, metric)] if n]
+    if any(r.get("compute") for r in records if r["dataset"] == ds):
+        notes.append("Compute (x flow): total training FLOPs (XLA cost analysis of the compiled train step x steps; "
+                     "a student adds its teacher's and the teacher's pair generation), relative to the Flow Matching "
+                     "row; equal steps are not equal budgets.")
+    if any(e.get("memorisation") is not None for r in records if r["dataset"] == ds for e in r.get("evaluation") or []):
+        notes.append("Memorisation: share of samples closer to their nearest training image than 95 % of held-out "
+                     "real images are to theirs (0.05 for samples as novel as unseen data, 1 for copies).")
     extra_columns = sorted({(int(n), w) for n, w in zip(a["num_steps"], a["scale_column"]) if w},
                            key=lambda c: (-c[0], float(c[1].removeprefix("w = "))))
     scales = seed_values.groupby(["num_steps", "scale_column"])["cfg_scale"].agg(
@@ -350,6 +485,12 @@ def values_frame(t: Table) -> pd.DataFrame:
                          "ours_std": c[1] if c and c[2] > 1 else None, "ours_n": c[2] if c else 0,
                          "ours_seeds": ",".join(str(s) for s in sorted(by_seed)),
                          **{f"ours_seed_{s}": by_seed.get(s) for s in seeds},
+                         "noise_floor": None if w else r.floors.get(n),
+                         "converged": None if w else r.converged(n),
+                         "memorisation": None if w else r.memorisation.get(n),
+                         "total_flops": r.mean_compute,
+                         "compute_x_flow": (r.mean_compute / t.reference_compute
+                                            if r.mean_compute and t.reference_compute else None),
                          "paper_metric": t.paper_tag, "paper": None if w else r.paper.get(n),
                          "paper_unsupported": not w and n in r.paper_unsupported})
     return pd.DataFrame(rows)
@@ -400,6 +541,47 @@ def plot_steps(t: Table, path: Path) -> Path | None:
     ax.set_title(f"{t.dataset}: {t.ours_tag} vs number of sampling steps ({better} is better)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(t: Table, path: Path) -> Path | None:
+    """Convergence curves: the metric vs total training compute (log-log), one panel per curve step count,
+    one line per row (the seeds' mean) with the seeds' range as a band; a student's curve starts after its
+    teacher's compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({n for r in t.rows for n in r.curves}, reverse=True)
+    if not steps:
+        return None
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps) + 2, 4), dpi=120, squeeze=False)
+    for ax, n in zip(axes[0], steps):
+        for i, r in enumerate(t.rows):
+            by_seed = r.curves.get(n)
+            if not by_seed:
+                continue
+            length = min(len(p) for p in by_seed.values())
+            x, y = np.array(mean_curve(by_seed)).T
+            ys = np.array([[p[k][1] for k in range(length)] for p in by_seed.values()])
+            ax.plot(x, y, marker=".", color=f"C{i % 10}", label=r.label)
+            if len(ys) > 1:
+                ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=f"C{i % 10}", alpha=0.2)
+        floor = next((r.floors.get(n) for r in t.rows if r.floors.get(n)), None)
+        if floor:
+            ax.axhline(floor, color="0.3", ls=":", lw=1, label="noise floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute (FLOPs, teachers included)")
+        ax.set_ylabel(f"{t.ours_tag}, {n}-step sampling")
+        ax.set_title(f"{t.dataset}: {n}-step {t.metric} vs compute (band: seeds' range)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
@@ -501,9 +683,10 @@ def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Pa
             written.append(tables_dir / f"{t.stem}{suffix}")
         values_frame(t).to_csv(tables_dir / f"{t.stem}_values.csv", index=False)
         written.append(tables_dir / f"{t.stem}_values.csv")
-        plot = plot_steps(t, figures_dir / f"steps_{t.dataset}_{t.metric}.png")
-        if plot:
-            written.append(plot)
+        for plot in (plot_steps(t, figures_dir / f"steps_{t.dataset}_{t.metric}.png"),
+                     plot_curves(t, figures_dir / f"curves_{t.dataset}_{t.metric}.png")):
+            if plot:
+                written.append(plot)
         written += write_findings(t, records, paper, tables_dir, index)
     (tables_dir / "index.md").write_text("\n".join(index))
     written.append(tables_dir / "index.md")
@@ -549,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         records = results_lib.records_from_mlflow(args.tracking_uri, include_smoke=args.include_smoke)
     else:
         records = [r for r in results_lib.load_exports(root) if args.include_smoke or not r.get("smoke")]
+    results_lib.fill_missing_floors(records)
     paper = results_lib.load_paper(root)
     if args.metric:
         records, paper = select_metric(records, args.metric), paper[paper["metric"] == args.metric]

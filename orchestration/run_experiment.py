@@ -1,6 +1,10 @@
-"""`run_experiment NAME [--set key=value ...] [--workdir DIR] [--smoke] [--eval-only] [--print] [--list]`
+"""`run_experiment NAME [--set key=value ...] [--workdir DIR] [--smoke] [--eval-only] [--wait] [--print] [--list]`
 [--address ADDR | --in-process] [--cpus N] [--tracking-uri URI | --no-tracking] [--keep-tracking-server]
-[--results-dir DIR]; `run_experiment --stop-tracking-server`.
+[--results-dir DIR] [--plan TOPOLOGY [--mfu F] [--no-bisect] [--plan-out FILE]];
+`run_experiment --stop-tracking-server`.
+
+--plan compiles the spec's train step for a TPU slice or N fake CPU devices without running it and reports
+memory per device, FLOPs and projected times (orchestration/plan.py, docs/planning.md).
 
 NAME is an experiment spec or a table spec (experiments/table1_*.yaml, orchestration/graph.py).
 Execution (orchestration/cluster.py): by default on a local Ray instance sized to this machine; with
@@ -45,8 +49,18 @@ def parser() -> argparse.ArgumentParser:
                    help="tiny model on mock data for a few steps: checks any spec end to end on a CPU")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate the latest checkpoint of this spec's run directory instead of training")
+    p.add_argument("--wait", action="store_true",
+                   help="if another run holds this spec's run directory (same spec, same work directory), wait "
+                        "for it to end, then run (default: exit 1 at once, saying who holds it)")
     p.add_argument("--print", dest="print_spec", action="store_true", help="print the resolved spec and its hash")
     p.add_argument("--list", action="store_true", help="list the available specs")
+    pl = p.add_argument_group("planning (orchestration/plan.py, docs/planning.md)")
+    pl.add_argument("--plan", metavar="TOPOLOGY", help="compile the spec's train step for TOPOLOGY without running it "
+                    "(tpu:v3-8, tpu:v4-8, tpu:v5e-4, ... with the [plan] extra; cpu:N for N fake host devices) and "
+                    "report memory per device, FLOPs and projected times; writes results/plans/")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the plan's times assume (0.4)")
+    pl.add_argument("--no-bisect", action="store_true", help="plan without searching the largest batch that fits")
+    pl.add_argument("--plan-out", metavar="FILE", help="where the plan's JSON goes (default results/plans/...)")
     p.add_argument("--verbose", action="store_true", help="also show TensorFlow's, absl's and Ray's start-up "
                    "messages (hidden by default; also: SHORTCUT_VERBOSE=1)")
     r = p.add_argument_group("execution")
@@ -92,12 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         spec = None if table else load_spec(args.name, args.overrides)
         if args.print_spec:
             return _print(args, spec)
+        if args.plan:
+            if spec is None:
+                parser().error("--plan takes an experiment spec, not a table")
+            from orchestration import plan
+
+            return plan.cli(spec, args.plan, argv, mfu=args.mfu, bisect=not args.no_bisect, out=args.plan_out)
         if not args.in_process and jobs.is_job_address(address):
-            return jobs.submit_and_follow(_job_argv(argv, args), address)
+            return jobs.submit_and_follow(_job_argv(argv, args), address, name=args.name)
         if table:
             return _run_table(args, address)
         return _run_one(args, spec, address)
     except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except input_errors() as e:  # the spec cannot fit its devices, or a plan cannot be made: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except known_errors() as e:
@@ -111,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def input_errors() -> tuple[type[BaseException], ...]:
+    """Errors about what was asked, found before anything is written (exit 2, like a spec error)."""
+    from orchestration.plan import PlanError
+    from shortcut.memory import MemoryPlanError
+
+    return (MemoryPlanError, PlanError)
+
+
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that end a run with their one-line message (exit 1), not a traceback."""
     from orchestration.cluster import ResourcesError
@@ -120,12 +151,13 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from shortcut.evaluate import EvaluationSetupError
     from shortcut.evaluation import InceptionWeightsError
     from shortcut.run import UnsupportedError
+    from shortcut.run_lock import RunLocked
     from shortcut.stages import TeacherError
     from shortcut.train import NonFiniteLossError
     from shortcut.vae import VAEWeightsError
 
     return (CheckpointError, DatasetNotReadyError, UnsupportedError, NonFiniteLossError, EvaluationSetupError,
-            InceptionWeightsError, TeacherError, ResourcesError, JobSubmissionError, VAEWeightsError)
+            InceptionWeightsError, TeacherError, ResourcesError, JobSubmissionError, VAEWeightsError, RunLocked)
 
 
 def _print(args, spec) -> int:
@@ -184,40 +216,90 @@ def _launch_kwargs(args, workdir: str) -> dict:
     tracking = Tracking.from_flags(no_tracking=args.no_tracking, uri=args.tracking_uri,
                                    keep_server=args.keep_tracking_server)
     return {"workdir": workdir, "smoke": args.smoke, "eval_only": args.eval_only, "tracking": tracking,
-            "results_dir": str(results.expanduser().resolve())}
+            "results_dir": str(results.expanduser().resolve()), "on_locked": "wait" if args.wait else "fail"}
 
 
 def _run_one(args, spec, address: str | None) -> int:
-    from orchestration import cluster, worker
-    from shortcut.run import smoke_version
+    """One experiment, after any teacher of it that has no finished run in the work directory (the library
+    never trains a teacher: the teachers here, and a table's graph, run them first as runs of their own)."""
+    from shortcut import record
 
     workdir = str(Path(args.workdir or spec.output.workdir).expanduser().resolve())
     kwargs = _launch_kwargs(args, workdir)
-    if args.in_process:
-        result = worker.execute(spec.model_dump(mode="json"), **kwargs)
-    else:
-        import ray
+    connected = False
+    if not args.in_process:  # before starting Ray: a run directory in use is one line, at once
+        from shortcut.spec import smoke_version
 
-        resources = (smoke_version(spec) if args.smoke else spec).resources
-        resources_now = cluster.connect(address, num_cpus=args.cpus)
-        warning = cluster.check_feasible(resources, resources_now, spec.name, local=not address)
-        if warning:
-            print(warning, file=sys.stderr)
-        ref = cluster.launch(spec.model_dump(mode="json"), resources, **kwargs)
-        try:
-            result = ray.get(ref)
-        except KeyboardInterrupt:
-            print("interrupted: stopping the run (it checkpoints first) ...", file=sys.stderr)
-            cluster.cancel([ref])
-            raise
-        except ray.exceptions.RayError as e:
-            raise cluster.cause(e) from None
-        finally:
-            cluster.release(ref)
-    print(result["summary"])
-    if result.get("exported"):
-        print(f"  results record: {result['exported']}")
-    return 0 if result["status"] == "finished" else 1
+        _fail_if_locked(args, smoke_version(spec) if args.smoke else spec, workdir)
+    for step in [*_missing_teachers(spec, args.smoke, workdir), spec]:
+        if step is not spec:
+            print(f"{spec.name}: its teacher {step.name} has no finished run in {workdir}; running it first",
+                  file=sys.stderr)
+        if not args.in_process and not connected:
+            from orchestration import cluster
+
+            resources_now = cluster.connect(address, num_cpus=args.cpus)
+            connected = True
+        result = _launch(args, step, kwargs, None if args.in_process else resources_now, address)
+        print(result["summary"])
+        if result.get("exported"):
+            print(f"  results record: {result['exported']}")
+        if not record.finished(result):
+            return 1
+    return 0
+
+
+def _missing_teachers(spec, smoke: bool, workdir: str) -> list:
+    """The spec's chain of teachers without a finished run in `workdir`, the farthest first."""
+    from shortcut import record
+    from shortcut.spec import smoke_version
+
+    chain, s = [], spec
+    while s.teacher is not None:
+        s = s.teacher_spec()
+        effective = smoke_version(s) if smoke else s
+        if not record.finished(record.read(record.run_dir(effective, workdir)), effective.hash()):
+            chain.append(s)
+    return chain[::-1]
+
+
+def _fail_if_locked(args, effective, workdir: str) -> None:
+    """RunLocked (one line, exit 1) if another process holds this spec's run directory, unless --wait."""
+    from shortcut import run_lock
+    from shortcut.record import run_dir
+
+    holder = None if args.wait else run_lock.holder(run_dir(effective, workdir))
+    if holder is not None:
+        raise run_lock.RunLocked(run_dir(effective, workdir), holder)
+
+
+def _launch(args, spec, kwargs: dict, resources_now, address: str | None) -> dict:
+    """Run one spec in this process or as a Ray task, and return the worker's result."""
+    from orchestration import cluster, worker
+
+    if args.in_process:
+        return worker.execute(spec.model_dump(mode="json"), **kwargs)
+    import ray
+
+    from shortcut.spec import smoke_version
+
+    effective = smoke_version(spec) if args.smoke else spec
+    _fail_if_locked(args, effective, kwargs["workdir"])  # now, not in the worker (it would find it locked too)
+    resources = effective.resources
+    warning = cluster.check_feasible(resources, resources_now, spec.name, local=not address)
+    if warning:
+        print(warning, file=sys.stderr)
+    ref = cluster.launch(spec.model_dump(mode="json"), resources, **kwargs)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        print("interrupted: stopping the run (it checkpoints first) ...", file=sys.stderr)
+        cluster.cancel([ref])
+        raise
+    except ray.exceptions.RayError as e:
+        raise cluster.cause(e) from None
+    finally:
+        cluster.release(ref)
 
 
 def _run_table(args, address: str | None) -> int:
@@ -232,6 +314,7 @@ def _run_table(args, address: str | None) -> int:
     kwargs = _launch_kwargs(args, str(workdir))
     if args.smoke:  # mock-data runs are never exported into results/: their tables go under the work directory
         kwargs["results_dir"] = str(workdir / "results")
+    kwargs["on_locked"] = "record"  # a run directory in use elsewhere: wait for that run's record (graph.py)
     if args.in_process:
         print("error: a table runs on Ray; --in-process is for single experiments", file=sys.stderr)
         return 2

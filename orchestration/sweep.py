@@ -134,19 +134,24 @@ def trial(config: dict, *, base_tree: dict, launch_kwargs: dict, parent_run_id: 
     from ray import tune
 
     from orchestration.worker import execute
-    from shortcut.run import run_dir, smoke_version
+    from shortcut.record import run_dir
+    from shortcut.spec import smoke_version
+    from shortcut.run_lock import RunLock
 
     tree = with_values(base_tree, config)
     spec = validate(tree, {}, default_source=f"{base_tree['name']} trial")
     effective = smoke_version(spec) if launch_kwargs.get("smoke") else spec
-    resumed_at = restore_checkpoint(run_dir(effective, launch_kwargs["workdir"]))
+    # only into a run directory no other process writes (e.g. this trial's earlier attempt, still alive)
+    with RunLock(run_dir(effective, launch_kwargs["workdir"])).acquire(wait=True) as lock:
+        resumed_at = restore_checkpoint(lock.rundir)
     if resumed_at is not None:
         print(f"trial {tune.get_context().get_trial_id()}: resuming from its checkpoint at step {resumed_at}")
     tracking = launch_kwargs["tracking"]
     tags = dict(tracking.tags, sweep=base_tree["name"], sweep_trial=tune.get_context().get_trial_id())
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    kwargs = dict(launch_kwargs, tracking=dataclasses.replace(tracking, tags=tuple(tags.items())))
+    # a run directory in use elsewhere (a plain run of the same values): wait for that run's record
+    kwargs = dict(launch_kwargs, tracking=dataclasses.replace(tracking, tags=tuple(tags.items())), on_locked="record")
     outcome = execute(tree, hooks=(TuneReporter(),), **kwargs)
     if outcome["status"] not in ("finished", "stopped"):
         raise RuntimeError(f"trial run {outcome['run_dir']} ended {outcome['status']}: {outcome.get('error')}")
@@ -204,7 +209,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from orchestration import cluster
-    from shortcut.run import smoke_version
+    from shortcut.spec import smoke_version
 
     sweep_dir = workdir / "sweeps" / spec.name
     state_path = sweep_dir / STATE_FILE

@@ -27,12 +27,18 @@ The local server (used unless ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names
     ``server.log``, ``leases/`` and a lock file. The first run that needs it starts ``mlflow server`` on
     127.0.0.1 on a free port, under a small supervisor process; later and parallel runs reuse it (the
     lock makes start-or-reuse atomic, so parallel runs never start two). Each process using the
-    server holds a lease file; the supervisor stops the server once no live process holds a lease for
-    ``idle_timeout`` seconds (60 by default), or at once when the store's directory is deleted, so a
-    killed run cannot leave it running forever. The supervisor is detached (nobody's child, its own
-    session: Ray kills a worker's children when the worker exits) and the server dies with it
-    (PR_SET_PDEATHSIG); a server of the store found without a live supervisor is stopped before a new
-    one starts, so a store has at most one server. A
+    server holds a lease: a file in ``leases/`` it keeps flock-ed, so the kernel ends the lease when the
+    process ends, however it ends (a lease is never judged by a process id, which the kernel hands out
+    again). The supervisor stops the server once no lease has been held for ``idle_timeout`` seconds
+    (60 by default), or at once when the store's directory is deleted, so a killed run cannot leave it
+    running forever; it decides under the store's lock and withdraws server.json first, so a run
+    starting meanwhile never gets a server that is about to stop. Stopping is bounded: SIGTERM to the
+    supervisor's whole process group, a few seconds' grace, then SIGKILL to the group (nothing the
+    server forked late escapes). The supervisor is detached (nobody's child, its own session: Ray kills
+    a worker's children when the worker exits), does not keep the scheduling of the process that
+    started it (a Ray worker's nice 15, OOM-killer priority and single pinned core), and the server
+    dies with it (PR_SET_PDEATHSIG); a server of the store found without a live supervisor is stopped
+    before a new one starts, so a store has at most one server. A
     server started with ``keep`` (``run_experiment --keep-tracking-server`` or
     ``shortcut_tracking server start``) stays up until ``run_experiment --stop-tracking-server`` or
     ``shortcut_tracking server stop``. Every writer goes through the server; nothing but the server
@@ -60,10 +66,13 @@ from typing import Any, Callable, Iterable
 import requests
 import yaml
 
+from orchestration.results import arch_label
+
 RUN_ID_FILE = "mlflow_run.json"
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
 HEALTH_WAIT_S = 20.0  # how long a live supervisor's server may take to answer before it counts as hung
+STOP_GRACE_S = 5.0  # how long a stopping server gets after SIGTERM before its process group is SIGKILLed
 TRAIN_KEYS_SKIPPED = ("step",)
 _STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 _MAX_PARAM_LENGTH = 6000
@@ -80,14 +89,6 @@ def experiment_name(record: dict) -> str:
     """``shortcut-<dataset>``, with ``-smoke`` for mock-data runs (see module docstring)."""
     dataset = record["spec"]["data"]["dataset"]
     return f"shortcut-{dataset}" + ("-smoke" if record.get("smoke") else "")
-
-
-def arch_label(spec: dict) -> str:
-    """``DiT-B/2``-style name of the model in a resolved spec."""
-    m = spec["model"]
-    size = m.get("size")
-    body = size if size else f"h{m.get('hidden_size')}-d{m.get('depth')}"
-    return f"DiT-{body}/{m.get('patch_size', 2)}"
 
 
 def run_tags(record: dict) -> dict[str, str]:
@@ -199,6 +200,7 @@ class LocalServer:
         self.idle_timeout = idle_timeout if idle_timeout is not None else idle_timeout_from_env()
         self.log = log
         self.lease: Path | None = None
+        self._lease_file = None  # open while the lease is held: its flock is the lease
 
     @classmethod
     def for_workdir(cls, workdir: str | Path, **kwargs) -> "LocalServer":
@@ -245,27 +247,29 @@ class LocalServer:
                 state["keep"] = True
                 _write_json(self.state_file, state)
             if self.lease is None or not self.lease.exists():
-                (self.dir / "leases").mkdir(exist_ok=True)
-                self.lease = self.dir / "leases" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                self.lease.touch()
+                self.release()
+                name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.lease, self._lease_file = _take_lease(self.dir / "leases", name)
             return state["uri"]
 
     def release(self) -> None:
         if self.lease is not None:
             self.lease.unlink(missing_ok=True)
             self.lease = None
+        lease_file, self._lease_file = getattr(self, "_lease_file", None), None
+        if lease_file is not None:
+            lease_file.close()  # the flock goes with it
 
     def _start(self, port: int | None) -> dict:
         leases = self.dir / "leases"
         leases.mkdir(exist_ok=True)
-        for lease in leases.iterdir():  # leases of processes that are gone
-            if not _pid_alive(int(lease.name.split("-")[0])):
+        for lease in leases.iterdir():  # leases of processes that are gone (no lock held on them)
+            if not _lease_held(lease):
                 lease.unlink(missing_ok=True)
         port = port or self._previous_port() or free_port()
         uri = f"http://127.0.0.1:{port}"
         # the lease that keeps the new server from idling out before acquire() records its own
-        starting = leases / f"{os.getpid()}-starting"
-        starting.touch()
+        starting, starting_file = _take_lease(leases, f"{os.getpid()}-starting-{uuid.uuid4().hex[:8]}")
         supervisor_file = self.dir / "supervisor.json"
         supervisor_file.unlink(missing_ok=True)
         log_file = open(self.dir / "server.log", "ab")
@@ -288,11 +292,15 @@ class LocalServer:
                 if time.monotonic() > deadline:
                     if supervisor:
                         _kill_group(supervisor["pid"])
+                    elif launcher.poll() is None:  # it has not forked the supervisor yet: it would, after we left
+                        _kill_group(launcher.pid)
+                    self._stop_strays()  # a supervisor it forked meanwhile (found by its command line)
                     raise RuntimeError(f"the MLflow server did not answer within {START_TIMEOUT_S:.0f}s; "
                                        f"see {self.dir / 'server.log'}")
                 time.sleep(0.25)
         finally:
             starting.unlink(missing_ok=True)
+            starting_file.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 launcher.wait(5)
         state = {"uri": uri, "port": port, "pid": supervisor["pid"], "server_pid": supervisor["server_pid"],
@@ -408,8 +416,80 @@ def _same_dir(path: Path, inode: int) -> bool:
         return False
 
 
+def _take_lease(leases: Path, name: str):
+    """(path, open file) of a new lease `leases/name`, flock-ed before it appears under its name, so the
+    supervisor never sees it unlocked while its holder lives. The lease lasts while the file is open."""
+    leases.mkdir(parents=True, exist_ok=True)
+    tmp = leases / f".{name}.new"
+    f = open(tmp, "w")  # not inherited by child processes (PEP 446): only this process holds it
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    os.replace(tmp, leases / name)
+    return leases / name, f
+
+
+def _lease_held(path: Path) -> bool:
+    """Whether a process still holds the lease `path` (its flock). A lease file nobody locks is a leftover
+    of a process that is gone, whatever process now has its pid."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the shared lock if we got it
+    return False
+
+
+def _in_use(state_dir: Path) -> bool:
+    """A lease is held, or the server is kept (server.json says keep)."""
+    leases = state_dir / "leases"
+    if any(_lease_held(p) for p in (leases.iterdir() if leases.is_dir() else ()) if not p.name.startswith(".")):
+        return True
+    try:
+        return bool(json.loads((state_dir / "server.json").read_text()).get("keep", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _withdraw_if_idle(state_dir: Path, me: int) -> bool:
+    """Under the store's lock (as acquire() takes it): if still nobody uses the server, remove server.json
+    (when it names this supervisor) and return True: from then on acquire() starts a new server instead of
+    handing out this one, which is about to stop. False while a user holds the lock (decide next tick)."""
+    with open(state_dir / "lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if _in_use(state_dir):
+            return False
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads((state_dir / "server.json").read_text()).get("pid") == me:
+                (state_dir / "server.json").unlink()
+        return True
+
+
+def _own_scheduling() -> None:
+    """Drop the scheduling the starter passed on: a Ray worker runs at nice 15, first in line for the OOM
+    killer (oom_score_adj 1000) and pinned to the one core cpu_slots gave its run, which goes to the next
+    run when this one ends. The work directory's server outlives that run and serves the others: all
+    cores, and nice / OOM priority back to normal where this process may lower them (best effort)."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("0")
+
+
 def _supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
-    """Run ``mlflow server`` on 127.0.0.1:port and stop it when no live lease is left for `idle_timeout`
+    """Run ``mlflow server`` on 127.0.0.1:port and stop it when no lease has been held for `idle_timeout`
     seconds, when `state_dir` is deleted, or on SIGTERM.
 
     Why it detaches: Ray kills a worker's child processes when the worker exits, and a starter may be
@@ -417,62 +497,72 @@ def _supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
     (re-parented to init). So the launcher forks the supervisor off and exits; the supervisor leads its
     own session (out of reach of process-group kills); the server gets SIGTERM when the supervisor dies
     (PR_SET_PDEATHSIG) and forwards it to its uvicorn worker; anything the server orphans is re-parented
-    to the supervisor (a child subreaper) and stopped with it.
+    to the supervisor (a child subreaper). However the loop ends (idle, SIGTERM, an error), the `finally`
+    stops the whole process group: SIGTERM, STOP_GRACE_S, then SIGKILL to the group, this process last.
     """
     if os.fork():
         os._exit(0)
     os.setsid()
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    inode = state_dir.stat().st_ino
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
-           "--artifacts-destination", str(state_dir / "artifacts")]
-    # No job-execution runner (GenAI jobs, unused here): fewer processes, and nothing but the server's
-    # own worker touches the SQLite file.
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    me = os.getpid()
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=lambda: _die_with(me))
-    _write_json(state_dir / "supervisor.json", {"pid": me, "server_pid": child.pid, "port": port})
-    stopping = []
+    _own_scheduling()
+    stopping = []  # handlers first: a SIGTERM while the server starts still stops the group
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
-    idle_since = None
-    while not stopping and child.poll() is None:
-        time.sleep(1.0)
-        if not _same_dir(state_dir, inode):
-            print(f"tracking supervisor: {state_dir} was deleted; stopping", flush=True)
-            break
-        leases = [p for p in (state_dir / "leases").glob("*") if _pid_alive(int(p.name.split("-")[0]))]
-        try:
-            keep = json.loads((state_dir / "server.json").read_text()).get("keep", False)
-        except (OSError, ValueError):
-            keep = False
-        if leases or keep:
-            idle_since = None
-        elif idle_since is None:
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > idle_timeout:
-            print(f"tracking supervisor: no run has used the server for {idle_timeout:.0f}s; stopping",
-                  flush=True)
-            break
-    if child.poll() is None:
-        child.terminate()  # the mlflow CLI forwards SIGTERM to its uvicorn process
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    for pid in _group_members(os.getpgid(0)):  # anything the server left behind in our process group
-        if pid != me:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):  # reap what was re-parented to us
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    with contextlib.suppress(OSError, ValueError):
+    me = os.getpid()
+    try:
+        inode = state_dir.stat().st_ino
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
+               "--artifacts-destination", str(state_dir / "artifacts")]
+        # No job-execution runner (GenAI jobs, unused here): fewer processes, and nothing but the server's
+        # own worker touches the SQLite file.
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=lambda: _die_with(me))
+        _write_json(state_dir / "supervisor.json", {"pid": me, "server_pid": child.pid, "port": port})
+        idle_since = None
+        while not stopping and child.poll() is None:
+            time.sleep(1.0)
+            if not _same_dir(state_dir, inode):
+                print(f"tracking supervisor: {state_dir} was deleted; stopping", flush=True)
+                break
+            if _in_use(state_dir):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > idle_timeout and _withdraw_if_idle(state_dir, me):
+                print(f"tracking supervisor: no run has used the server for {idle_timeout:.0f}s; stopping",
+                      flush=True)
+                break
+    finally:
+        _stop_own_group(state_dir, me)
+    return 0
+
+
+def _stop_own_group(state_dir: Path, me: int) -> None:
+    """Stop every process of this supervisor's group (the mlflow CLI, uvicorn, whatever they forked):
+    SIGTERM to the group, up to STOP_GRACE_S for them to exit, then SIGKILL to the group, which ends this
+    process too. killpg reaches every member at once, a child forked a moment ago included."""
+    group = os.getpgid(0)
+
+    def others() -> list[int]:
+        with contextlib.suppress(ChildProcessError):  # reap our children and what was re-parented to us
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        return [pid for pid in _group_members(group) if pid != me]
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while others() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         if json.loads((state_dir / "server.json").read_text()).get("pid") == me:
             (state_dir / "server.json").unlink()
-    return 0
+    if others():
+        print(f"tracking supervisor: the server did not stop within {STOP_GRACE_S:.0f}s; killing it", flush=True)
+        sys.stdout.flush()
+        os.killpg(group, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------- tracker
@@ -516,6 +606,9 @@ class Tracker:
 
     def start(self, record: dict) -> None:
         self.run_id, self.offline, self._warned = None, False, False  # a tracker may follow runs one after another
+        # a finished record handed over by the run that held its run directory (shortcut.run._replay): its
+        # points are in MLflow already, end() syncs what is missing; no live logging (no duplicate points)
+        self._replayed = record.get("status") != "running"
         try:
             if self.server is not None:  # start or reuse the local server, and hold a lease while the run lasts
                 self.uri, self._client = self.server.acquire(keep=self.keep_server), None
@@ -565,7 +658,7 @@ class Tracker:
                      "and the tracker syncs it at the end if the server is back")
 
     def _live(self, points: list[tuple[str, float, int]]) -> None:
-        if self.offline or self.run_id is None or not points:
+        if self.offline or self.run_id is None or not points or getattr(self, "_replayed", False):
             return
         try:
             if self.uri.startswith(("http://", "https://")):

@@ -109,21 +109,22 @@ def enable_compilation_cache(workdir: str) -> None:
 
 def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bool = False,
             tracking: Tracking = Tracking(), results_dir: str | None = None, hooks: tuple = (),
-            distributed: Distributed | None = None) -> dict:
+            distributed: Distributed | None = None, on_locked: str = "fail") -> dict:
     """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
-    propagate with their message; the run record in the run directory says how the run ended."""
+    propagate with their message; the run record in the run directory says how the run ended.
+    `on_locked`: what to do when another process holds the run directory (shortcut.run.run)."""
     from orchestration import cpu_slots
 
     cpu_slots.pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
     try:
         return _execute(spec_tree, workdir=workdir, smoke=smoke, eval_only=eval_only, tracking=tracking,
-                        results_dir=results_dir, hooks=hooks, distributed=distributed)
+                        results_dir=results_dir, hooks=hooks, distributed=distributed, on_locked=on_locked)
     finally:
         cpu_slots.release()  # before Ray hears the run ended and starts the next one on this core
 
 
 def _execute(spec_tree: dict, *, workdir: str, smoke: bool, eval_only: bool, tracking: Tracking,
-             results_dir: str | None, hooks: tuple, distributed: Distributed | None) -> dict:
+             results_dir: str | None, hooks: tuple, distributed: Distributed | None, on_locked: str) -> dict:
     if distributed is not None:
         init_distributed(distributed)
     import jax
@@ -139,7 +140,7 @@ def _execute(spec_tree: dict, *, workdir: str, smoke: bool, eval_only: bool, tra
                            keep_server=tracking.keep_server, tags=dict(tracking.tags)) if lead else None
     listeners = Hooks(tracker, *hooks)
     try:
-        record = run(spec, workdir=workdir, smoke=smoke, eval_only=eval_only, tracker=listeners)
+        record = run(spec, workdir=workdir, smoke=smoke, eval_only=eval_only, tracker=listeners, on_locked=on_locked)
     finally:
         listeners.close()
     result = outcome(record, tracked=tracker is not None and tracking.enabled)

@@ -119,6 +119,28 @@ class Checkpointer:
         self._manager.close()
 
 
+PARTIAL_SAVE = ".orbax-checkpoint-tmp"  # Orbax writes a step into `<step>.orbax-checkpoint-tmp*`, then renames it
+
+
+def remove_partial_saves(directory: str | Path, *, log: Callable[[str], None] = print) -> list[str]:
+    """Delete the unfinished saves (`<step>.orbax-checkpoint-tmp*`) a killed run left in `directory`, which
+    would make Orbax fail to save that step again. Only the holder of the run directory's lock
+    (shortcut/run_lock.py) may call this: another run's save in progress looks the same. Everything else
+    that reads checkpoints ignores these directories (they are not steps)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in sorted(directory.iterdir()):
+        if PARTIAL_SAVE in p.name and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    if removed:
+        log(f"removed {len(removed)} unfinished checkpoint save(s) left by an earlier run in {directory}: "
+            f"{', '.join(removed)}")
+    return removed
+
+
 def describe_error(error: BaseException, limit: int = 300) -> str:
     """`Type: message` of the innermost explicitly chained cause of a failed restore, on one line, shortened."""
     while error.__cause__ is not None:

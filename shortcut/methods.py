@@ -1,28 +1,45 @@
 """Registry of training methods: a method name in a spec -> its objective class and config schema.
 
-Objectives are imported lazily by dotted path, so shortcut/ never imports baselines/ at module
-load and adding a method is one line here plus its module.
+Methods are plugins: each installed package lists its objectives under the entry-point group
+`shortcut.methods` (this project's in pyproject.toml), `name = "module:ObjectiveClass"`. The core
+never names the packages that hold them; a method is imported when a spec first names it.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
+from importlib import metadata
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-OBJECTIVES: dict[str, str] = {
-    "shortcut": "shortcut.objective:ShortcutObjective",
-    "flow_matching": "baselines.flow_matching:FlowMatchingObjective",
-    "diffusion": "baselines.diffusion:DiffusionObjective",
-    "consistency_training": "baselines.consistency_training:ConsistencyTrainingObjective",
-    "consistency_distillation": "baselines.consistency_distillation:ConsistencyDistillationObjective",
-    "progressive_distillation": "baselines.progressive_distillation:ProgressiveDistillationObjective",
-    "reflow": "baselines.reflow:ReflowObjective",
-    "live_reflow": "baselines.live_reflow:LiveReflowObjective",
-    "meanflow": "baselines.meanflow:MeanFlowObjective",
-}
+ENTRY_POINT_GROUP = "shortcut.methods"
+
+
+@functools.lru_cache(maxsize=1)
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def method_names() -> list[str]:
+    """Every registered method, in table order (each objective's `table_order`, then name)."""
+    return sorted(_entry_points(), key=lambda n: (objective_class(n).table_order, n))
+
+
+def display_name(name: str) -> str:
+    """A method's name in tables: its objective's `display_name`, else the spec name title-cased
+    (also for methods recorded in results but not installed here)."""
+    if name in _entry_points():
+        shown = objective_class(name).display_name
+        if shown:
+            return shown
+    return name.replace("_", " ").title()
+
+
+def table_order(name: str) -> float:
+    """A method's row order in tables (methods not installed here come last)."""
+    return objective_class(name).table_order if name in _entry_points() else float("inf")
 
 
 class KeyedValueError(ValueError):
@@ -50,12 +67,16 @@ class MethodConfig(BaseModel):
         return m
 
 
+@functools.cache
 def objective_class(name: str) -> type:
     """The objective class registered under `name`."""
-    if name not in OBJECTIVES:
-        raise KeyedValueError("method.name", f"expected one of {sorted(OBJECTIVES)}, got {name!r}")
-    module, attr = OBJECTIVES[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    points = _entry_points()
+    if name not in points:
+        if not points:
+            raise KeyedValueError("method.name", f"no methods are registered (entry-point group {ENTRY_POINT_GROUP}): "
+                                  "install the project, e.g. `pip install -e .`")
+        raise KeyedValueError("method.name", f"expected one of {sorted(points)}, got {name!r}")
+    return points[name].load()
 
 
 def parse_config(value: Any) -> MethodConfig:
@@ -63,7 +84,7 @@ def parse_config(value: Any) -> MethodConfig:
     if isinstance(value, MethodConfig):
         return value
     if not isinstance(value, dict) or "name" not in value:
-        raise KeyedValueError("method.name", f"required: one of {sorted(OBJECTIVES)}")
+        raise KeyedValueError("method.name", f"required: one of {sorted(_entry_points())}")
     config_cls = objective_class(value["name"]).Config
     try:
         return config_cls.model_validate(value)
@@ -78,8 +99,5 @@ def parse_config(value: Any) -> MethodConfig:
 
 
 def make_objective(spec) -> Any:
-    """Instantiate the objective for a resolved spec (`from_spec` when it needs more of the spec, e.g. train.steps)."""
-    cls = objective_class(spec.method.name)
-    if hasattr(cls, "from_spec"):
-        return cls.from_spec(spec)
-    return cls(spec.method, num_classes=spec.data.num_classes)
+    """Instantiate the objective for a resolved spec (its `from_spec`)."""
+    return objective_class(spec.method.name).from_spec(spec)

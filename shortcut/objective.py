@@ -117,14 +117,36 @@ def euler_sample(apply_fn: ApplyFn, params, noise: jax.Array, labels: jax.Array,
 
 
 class Objective:
-    """Base of every method: `targets` for training, `sample` with N steps (see module docstring)."""
+    """Base of every method: `targets` for training, `sample` with N steps (see module docstring).
+
+    A method is one module with a subclass of this and its `Config`, registered under the entry-point
+    group `shortcut.methods` (shortcut/methods.py). Everything below with a default is optional.
+    """
 
     Config: type[MethodConfig] = MethodConfig
     groups: tuple[str, ...] = ("flow",)  # names of Targets.group values, for loss logging
+    display_name: str = ""  # the method's name in tables (default: its spec name, title-cased)
+    table_order: float = 100.0  # row order in tables: Table 1's end-to-end methods, then two-phase ones
+    uses_pairs: bool = False  # trains on (noise, sample) pairs its teacher generates (shortcut/stages.py)
 
     def __init__(self, config: MethodConfig, *, num_classes: int):
         self.config = config
         self.null_class = num_classes  # the label table's extra row
+
+    @classmethod
+    def from_spec(cls, spec) -> "Objective":
+        """The objective of a resolved spec; override when it needs more of the spec than `method`."""
+        return cls(spec.method, num_classes=spec.data.num_classes)
+
+    @staticmethod
+    def smoke_method(method: dict) -> dict:
+        """The `method:` section of a --smoke run (e.g. fewer reflow pairs); unchanged by default."""
+        return method
+
+    @property
+    def init_from_teacher(self) -> bool:
+        """Whether the student starts from its teacher's weights (a config option of distillation methods)."""
+        return bool(getattr(self.config, "init_from_teacher", False))
 
     def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         """Regression targets for a batch {"image": [B,H,W,C] in [-1,1], "label": [B], ...}."""
@@ -170,6 +192,8 @@ class ShortcutObjective(Objective):
 
     Config = ShortcutConfig
     groups = ("flow", "bootstrap")
+    display_name = "Shortcut Models"
+    table_order = 50
 
     def __init__(self, config: ShortcutConfig, *, num_classes: int):
         super().__init__(config, num_classes=num_classes)

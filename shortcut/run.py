@@ -8,76 +8,31 @@ and every metric with its provenance).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from clu import parameter_overview
 
 from shortcut import data as data_lib
-from shortcut import methods, stages
-from shortcut.checkpoint import Checkpointer
+from shortcut import assembly, compute, stages
+from shortcut import record as record_lib
+from shortcut.record import run_dir  # noqa: F401 - where callers have long found it
+from shortcut.checkpoint import Checkpointer, remove_partial_saves
 from shortcut.evaluate import evaluate, load_metric, smoke_metric
-from shortcut.sampling import make_sampler
+from shortcut.run_lock import RunLock
 from shortcut.sharding import Parallel
-from shortcut.spec import Spec, SpecError, validate
-from shortcut.train import (StopTraining, build_model, init_state, make_apply_fn, make_optimizer, make_train_step,
-                            restore, train)
+from shortcut.spec import Spec, SpecError, smoke_version
+from shortcut.train import StopTraining, init_state, make_train_step, restore, train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class UnsupportedError(RuntimeError):
     """A spec asks for something this version cannot do; the message says what and why."""
-
-
-def run_dir(spec: Spec, workdir: str | Path | None = None) -> Path:
-    return Path(workdir or spec.output.workdir) / spec.name / spec.hash()[:12]
-
-
-def smoke_version(spec: Spec) -> Spec:
-    """The same spec with a tiny model, a few steps and few samples, for mock data on one CPU."""
-    tree = spec.model_dump(mode="json")
-    tree["model"] = dict(tree["model"], size=None, hidden_size=32, depth=2, num_heads=2, dtype="float32")
-    tree["train"] = dict(tree["train"], steps=4, batch_size=8, log_every=2, checkpoint_every=2)
-    tree["eval"] = dict(tree["eval"], num_samples=8, batch_size=8, grid_size=8)
-    tree["resources"] = {"cpus": 1, "gpus": 0, "tpus": 0, "hosts": 1, "sharding": spec.resources.sharding}
-    if tree["data"].get("latent"):
-        tree["data"]["latent"] = dict(tree["data"]["latent"], batch_size=8)
-    smoke_method = getattr(methods.objective_class(spec.method.name), "smoke_method", None)  # e.g. fewer reflow pairs
-    tree["method"] = smoke_method(tree["method"]) if smoke_method else tree["method"]
-    return validate(tree, {}, default_source=f"{spec.name} (--smoke)")
-
-
-def git_commit() -> str:
-    if os.environ.get("SHORTCUT_GIT_COMMIT"):  # set by orchestration/jobs.py: a Ray job's code has no .git
-        return os.environ["SHORTCUT_GIT_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def jsonable(obj):
-    """numpy scalars and arrays as numbers and lists; anything else unknown as its string."""
-    return obj.tolist() if isinstance(obj, (np.generic, np.ndarray)) else str(obj)
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Atomic write: a reader never sees a half-written record."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=jsonable))
-    os.replace(tmp, path)
 
 
 def make_data(spec: Spec, smoke: bool, codec=None, rundir: Path | None = None, log=print):
@@ -120,14 +75,11 @@ def make_data(spec: Spec, smoke: bool, codec=None, rundir: Path | None = None, l
                                         process_count=jax.process_count(), shuffle_buffer=d.shuffle_buffer)
 
 
-def make_codec(spec: Spec, smoke: bool, record: dict):
-    """The VAE of a latent spec (a random reduced-width one under --smoke), described in the run record."""
-    if spec.data.latent is None:
+def describe_codec(parts, record: dict):
+    """The run's VAE (assembly.Parts.codec: None for pixel specs), described in the run record."""
+    codec, lat, smoke = parts.codec, parts.spec.data.latent, parts.smoke
+    if codec is None:
         return None
-    from shortcut.vae import LatentCodec
-
-    lat = spec.data.latent
-    codec = LatentCodec.from_spec(lat, smoke, batch_size=lat.batch_size, seed=spec.seed, path=lat.weights)
     record["latent"] = {"autoencoder": lat.autoencoder, "vae": codec.description,
                         "vae_weights_sha256": codec.weights_sha256, "encoding": lat.encoding, "scale": lat.scale}
     if smoke:
@@ -137,26 +89,44 @@ def make_codec(spec: Spec, smoke: bool, record: dict):
 
 
 def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, eval_only: bool = False,
-        log=print, tracker=None) -> dict:
+        log=print, tracker=None, on_locked: str = "fail") -> dict:
     """Train (or with eval_only, load the latest checkpoint) and evaluate one spec; returns the run
     record, which is also written to run.json. An optional `tracker` gets start(record),
-    log_metrics(metrics) per training log line, log_evaluation(entries) and end(final record)."""
+    log_metrics(metrics) per training log line, log_evaluation(entries) and end(final record).
+    The run holds its run directory's lock (shortcut/run_lock.py) throughout; when another process holds
+    it, `on_locked` says what to do: "fail" (RunLocked, nothing written), "wait" (then run), or "record"
+    (wait; if that run finished this spec, return its record instead of running again)."""
     if smoke:
         spec = smoke_version(spec)
+    from shortcut.memory import check_run_fits
+
+    check_run_fits(spec)  # MemoryPlanError (one line) before anything is written or allocated
     rundir = run_dir(spec, workdir)
     rundir.mkdir(parents=True, exist_ok=True)
-    previous = rundir / "run.json"
-    record = json.loads(previous.read_text()) if eval_only and previous.exists() else {}
+    # one writer per run directory (process 0 of a multi-host run writes for all), before anything is written
+    lock = RunLock(rundir).acquire(wait=on_locked != "fail", log=log) if jax.process_index() == 0 else None
+    if lock and lock.waited and on_locked == "record" and (done := _finished_by_holder(spec, rundir, eval_only)):
+        return _replay(done, tracker, lock)
+    if lock:
+        remove_partial_saves(rundir / "checkpoints", log=log)  # a killed run's; the lock holder's job only
+    previous = record_lib.read(rundir)
+    record = previous if eval_only and previous else {}
     record.update({
         "name": spec.name, "spec_hash": spec.hash(), "smoke": smoke, "status": "running",
         "data": "mock (random) data, for a pipeline check only" if smoke else spec.data.dataset,
-        "git_commit": git_commit(), "started": _now(), "run_dir": str(rundir),
+        "git_commit": record_lib.git_commit(), "git_changes": record_lib.git_changes(), "started": _now(),
+        "run_dir": str(rundir),
         "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
         "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions(),
         "spec": spec.model_dump(mode="json"),
     })
     record.setdefault("evaluation", [])
-    write_json(rundir / "run.json", record)
+    if not eval_only and previous and previous.get("spec_hash") == record["spec_hash"]:
+        # a resumed run keeps its curve (points it redoes are replaced) and its compute (a run resumed at its
+        # last step compiles no train step)
+        record.update({k: previous[k] for k in ("curve", "compute") if previous.get(k)})
+    record.setdefault("curve", [])
+    record_lib.write(rundir, record)
     if tracker is not None:  # e.g. orchestration.tracking.Tracker; its hooks never raise
         tracker.start(record)
     try:
@@ -171,10 +141,35 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
         record["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        record["finished"] = _now()
-        write_json(rundir / "run.json", record)
+        try:
+            record["finished"] = _now()
+            record_lib.write(rundir, record)
+            if tracker is not None:
+                tracker.end(record)
+        finally:
+            if lock:
+                lock.release()
+
+
+def _finished_by_holder(spec: Spec, rundir: Path, eval_only: bool) -> dict | None:
+    """The record of the run that held `rundir` while this one waited, if it finished this very spec."""
+    record = record_lib.read(rundir)
+    return record if not eval_only and record_lib.finished(record, spec.hash()) else None
+
+
+def _replay(record: dict, tracker, lock: RunLock) -> dict:
+    """Another process ran this spec while we waited: its record goes to the hooks (a sweep's Tune
+    reporter, a table's progress board, MLflow: synced again, idempotently) as if this run had made it."""
+    try:
         if tracker is not None:
+            last = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
+            tracker.start(record)
+            with contextlib.suppress(StopTraining):
+                tracker.log_evaluation([e for e in record.get("evaluation", []) if e["train_step"] == last])
             tracker.end(record)
+        return record
+    finally:
+        lock.release()
 
 
 def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, log, tracker=None) -> None:
@@ -184,20 +179,23 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     if smoke:
         record["evaluation_note"] = (metric.note if metric else
                                      "--smoke: mock data has no reference statistics, so no metric")
-    codec = make_codec(spec, smoke, record)
+    parts = assembly.build(spec, smoke=smoke)
+    objective, model, apply_fn, optimizer, sampler = (parts.objective, parts.model, parts.apply_fn, parts.optimizer,
+                                                      parts.sampler)
+    codec = describe_codec(parts, record)
     parallel = Parallel.create(spec.train.batch_size, spec.resources.sharding)
-    # A `teacher:` spec is found finished in the same work directory or trained first (shortcut/stages.py).
-    teacher = stages.resolve_teacher(spec, rundir.parents[1], smoke=smoke, train_missing=not eval_only, log=log)
+    # A `teacher:` spec's finished run is found in the same work directory (shortcut/stages.py).
+    teacher = stages.resolve_teacher(spec, rundir.parents[1], smoke=smoke, log=log)
     if teacher is not None:
         record["teacher"] = teacher.summary()
-    objective = methods.make_objective(spec)
+    teacher_flops = compute.teacher_compute(teacher.run_dir) if teacher is not None else None
+    pairs_flops = stages.pairs_flops(spec, objective, teacher)
+    # compute spent before this run's first step: its teacher's and the teacher's pair sampling
+    offset = sum(x or 0.0 for x in ((teacher_flops or {}).get("total_flops"), pairs_flops))
     data = None
     if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
         data = stages.training_data(spec, objective, teacher, rundir, log=log)
         data = make_data(spec, smoke, codec, rundir, log) if data is None else data
-    model = build_model(spec)
-    apply_fn = make_apply_fn(model)
-    optimizer = make_optimizer(spec.optimizer)
     state = init_state(spec, model, optimizer, objective, teacher_params=teacher.params if teacher else None)
     state = parallel.place(stages.start_from_teacher(spec, state, objective, teacher))
 
@@ -208,9 +206,38 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     log(f"{spec.name} [{spec.hash()[:12]}] {spec.method.name}, DiT hidden {spec.model.hidden_size} depth "
         f"{spec.model.depth}: {n_params:,} parameters (table in {rundir / 'params.txt'})")
 
-    sampler = make_sampler(objective, apply_fn)
     timings = record.setdefault("timings", {})
     timings["setup_s"] = time.perf_counter() - t0
+
+    def on_compiled(step_flops: float | None) -> None:
+        record["compute"] = compute.run_compute(step_flops, spec.train.steps, teacher_flops, pairs_flops,
+                                                has_teacher=teacher is not None)
+        record_lib.write(rundir, record)
+
+    def add_curve(entries: list[dict], step: int) -> None:
+        """Convergence-curve points from evaluation entries at the curve's settings."""
+        keys = {s.key for s in spec.eval.curve_settings()}
+        flops = (record.get("compute") or {}).get("train_step_flops")
+        points = [{"train_step": step, "num_steps": e["num_steps"], "setting": e["setting"], "metric": e["metric"],
+                   "value": e["value"], "compute_flops": None if flops is None else offset + flops * step,
+                   "noise_floor": (e.get("noise_floor") or {}).get("value"), "bootstrap_std": e.get("bootstrap_std")}
+                  for e in entries if e["setting"] in keys]
+        if points:
+            done = {(p["train_step"], p["setting"]) for p in points}
+            record["curve"] = sorted([p for p in record["curve"] if (p["train_step"], p["setting"]) not in done] +
+                                     points, key=lambda p: (p["train_step"], p["num_steps"]))
+
+    def curve_at(state, step: int) -> None:
+        t = time.perf_counter()
+        params = state.ema_params if spec.eval.params == "ema" else state.params
+        entries, _ = evaluate(spec, metric, sampler, params, objective=objective, train_step=step, rundir=rundir,
+                              log=log, decode=codec.decode if codec else None,
+                              settings=spec.eval.curve_settings(), grids=False)
+        add_curve(entries, step)
+        timings["curve_s"] = timings.get("curve_s", 0.0) + time.perf_counter() - t
+        record_lib.write(rundir, record)
+        if tracker is not None:
+            tracker.log_evaluation(entries)
 
     def evaluate_at(state, step: int) -> None:
         checkpointer.wait()  # the checkpoint of this step is complete before hooks hear of the evaluation
@@ -220,8 +247,10 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
                                     rundir=rundir, log=log, decode=codec.decode if codec else None)
         record["evaluation"] = [e for e in record["evaluation"] if e["train_step"] != step] + entries
         record["samples"] = samples
+        if spec.eval.curve_every:
+            add_curve(entries, step)
         timings[f"evaluate_step{step}_s"] = time.perf_counter() - t
-        write_json(rundir / "run.json", record)
+        record_lib.write(rundir, record)
         if tracker is not None:
             tracker.log_evaluation(entries)
 
@@ -237,7 +266,9 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
         else:
             train_step = make_train_step(apply_fn, objective, optimizer, spec, parallel, state)
             result = train(spec, state, train_step, data, checkpointer, shard=parallel.shard, log=log,
-                           on_eval=evaluate_at, on_log=tracker.log_metrics if tracker is not None else lambda m: None)
+                           on_eval=evaluate_at, on_curve=curve_at if metric is not None else None,
+                           on_compiled=on_compiled,
+                           on_log=tracker.log_metrics if tracker is not None else lambda m: None)
             state = result.state
             record["resumed_from"] = result.resumed_from
             timings["train_s"] = result.seconds

@@ -34,7 +34,7 @@ LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
 # Keys added after runs were recorded, hashed only away from the value all earlier runs had, so that
 # adding a key keeps the hash (and run directory) of every existing spec.
 KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_levels"): "even",
-                        ("method", "sample_level"): "step_size"}
+                        ("method", "sample_level"): "step_size", ("data", "heldout_split"): None}
 
 
 class SpecError(Exception):
@@ -78,6 +78,9 @@ class DataSpec(_Section):
     channels: int = Field(ge=1)
     num_classes: int = Field(ge=0, description="0 = unconditional")
     split: str = "train"
+    heldout_split: str | None = Field(default=None, description="a split of the same data that training never sees "
+                                      "(digits: `heldout`, 20 % of every class): the reference of the metric and of "
+                                      "the memorisation score, so reproducing training images is not rewarded")
     image_size: int | None = Field(default=None, ge=1, description="resize to this size; None keeps the native size")
     flip: bool = False
     data_dir: str | None = None
@@ -173,6 +176,10 @@ class EvalSpec(_Section):
                                "samples/steps_<N>.npz (arr_0 uint8 [N, H, W, 3], arr_1 labels: the ADM layout)")
     metric: Literal["none", "fd_digits", "fid"] = "none"
     every: int | None = Field(default=None, ge=1, description="also evaluate every N training steps")
+    curve_every: int | None = Field(default=None, ge=1, description="every N training steps, a cheap evaluation at "
+                                    "`curve_steps` (no grids): the run's convergence curve, in run.json's `curve`")
+    curve_steps: tuple[int, ...] = Field(default=(1, 4), description="step counts of the curve, those of them in "
+                                         "`steps` (a curve ends at the run's own evaluation), at their first scale")
     reference_stats: str | None = Field(default=None, description="fid: reference statistics file (default: "
                                         "$SHORTCUT_WEIGHTS_DIR/fid_stats/<dataset>_<split>_<size>.npz, see fid_stats)")
     inception_weights: str | None = Field(default=None, description="fid: weights file (default: standard lookup)")
@@ -209,6 +216,13 @@ class EvalSpec(_Section):
                 raise KeyedValueError("eval.cfg_scale", f"no scale for {missing[0]} steps (in eval.steps); give one "
                                       "per step count, or one number for all")
         return self
+
+    def curve_settings(self) -> tuple[EvalSetting, ...]:
+        """The settings of a convergence-curve point: each `curve_steps` count at its first scale."""
+        first = {}
+        for setting in self.settings():
+            first.setdefault(setting.num_steps, setting)
+        return tuple(first[n] for n in self.curve_steps if n in first)
 
     def scales(self, num_steps: int) -> tuple[float, ...]:
         """The guidance scales N steps are evaluated at."""
@@ -591,3 +605,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def smoke_version(spec: Spec) -> Spec:
+    """The same spec with a tiny model, a few steps and few samples, for mock data on one CPU."""
+    tree = spec.model_dump(mode="json")
+    tree["model"] = dict(tree["model"], size=None, hidden_size=32, depth=2, num_heads=2, dtype="float32")
+    tree["train"] = dict(tree["train"], steps=4, batch_size=8, log_every=2, checkpoint_every=2)
+    tree["eval"] = dict(tree["eval"], num_samples=8, batch_size=8, grid_size=8)
+    tree["resources"] = {"cpus": 1, "gpus": 0, "tpus": 0, "hosts": 1, "sharding": spec.resources.sharding}
+    if tree["data"].get("latent"):
+        tree["data"]["latent"] = dict(tree["data"]["latent"], batch_size=8)
+    tree["method"] = methods.objective_class(spec.method.name).smoke_method(tree["method"])  # e.g. fewer reflow pairs
+    return validate(tree, {}, default_source=f"{spec.name} (--smoke)")

@@ -8,12 +8,13 @@ Running the student (shortcut.run.run) resolves the teacher first, in the same w
   * run.json says "finished" and a checkpoint of its last step exists: its EMA parameters are loaded;
   * run.json says "failed": TeacherError, naming the directory and the teacher's error (a failed
     teacher is never retrained silently, with these or any other settings);
-  * no run yet, or one that was interrupted or killed: the teacher is trained first (resuming from its
-    own checkpoints), with its own run record, and the log says so.
+  * no run yet, or one that was interrupted or killed: TeacherError. The library never trains a teacher:
+    the graph orders teachers before students (orchestration/graph.py), and `run_experiment STUDENT`
+    runs a missing teacher first as its own run.
 
 The student's hash includes the teacher's hash (Spec.hash), so a different teacher means a different
 student run. How a student uses its teacher is the objective's business: `init_state(...,
-teacher_params=)` hands the EMA parameters to `objective.init_aux`, `config.init_from_teacher` starts
+teacher_params=)` hands the EMA parameters to `objective.init_aux`, `objective.init_from_teacher` starts
 the student from the teacher's weights, and objectives with `uses_pairs` (reflow) train on a dataset of
 (noise, sample, label) triples that the teacher generates into <student run dir>/pairs/ in chunks;
 finished chunks survive a kill and generation resumes at the first missing one.
@@ -33,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shortcut import record as record_lib
 from shortcut.data.iterators import pack_state, unpack_state
-from shortcut.spec import Spec
+from shortcut.spec import Spec, smoke_version
 
 PAIR_NOISE_STREAM = 0x5EED_0F  # folded into the seed: pair noise never equals evaluation noise
 
@@ -55,47 +57,32 @@ class Teacher:
                 "step": self.step, "params": "ema"}
 
 
-def _read_record(rundir: Path) -> dict | None:
-    path = rundir / "run.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
-
-
-def resolve_teacher(spec: Spec, workdir: str | Path, *, smoke: bool = False, train_missing: bool = True,
+def resolve_teacher(spec: Spec, workdir: str | Path, *, smoke: bool = False,
                     log: Callable[[str], None] = print) -> Teacher | None:
-    """The teacher of `spec` (None when it has none), trained first when it has no finished run."""
+    """The finished teacher of `spec` (None when it has none). The library never trains a teacher: the
+    graph runs it first (orchestration/graph.py; `run_experiment STUDENT` runs missing teachers too)."""
     if spec.teacher is None:
         return None
-    from shortcut.run import run, run_dir, smoke_version  # run.py imports this module
-
     tspec = spec.teacher_spec()
     effective = smoke_version(tspec) if smoke else tspec
-    tdir = run_dir(effective, workdir)
+    tdir = record_lib.run_dir(effective, workdir)
     label = f"teacher {tspec.name} [{effective.hash()[:12]}]"
-    record = _read_record(tdir)
+    record = record_lib.read(tdir)
     status = record.get("status") if record else None
     if status == "failed":
         raise TeacherError(
             f"{spec.name}: {label} failed in {tdir}: {record.get('error', 'no error recorded')}. Fix the cause and "
             f"rerun the teacher (run_experiment {tspec.name}{' --smoke' if smoke else ''} with the same "
             f"overrides; it resumes from its last checkpoint), or delete {tdir} to train it afresh.")
-    if status != "finished":
-        if not train_missing:
-            raise TeacherError(f"{spec.name}: {label} has no finished run in {tdir} (status: {status or 'no run'})")
-        what = "was interrupted; resuming it" if status else "has no run yet; training it"
-        log(f"{spec.name}: {label} {what} first in {tdir}")
-        run(tspec, workdir=workdir, smoke=smoke, log=lambda m: log(f"[teacher {tspec.name}] {m}"))
-        log(f"{spec.name}: {label} finished; back to the student")
+    if not record_lib.finished(record, effective.hash()):
+        raise TeacherError(f"{spec.name}: {label} has no finished run in {tdir} (status: {status or 'no run'}); "
+                           f"run it first: run_experiment {tspec.name}{' --smoke' if smoke else ''} with the same "
+                           f"overrides (`run_experiment {spec.name}` runs a missing teacher first by itself)")
     params, step = load_ema_params(tdir / "checkpoints")
     if step != effective.train.steps:
         raise TeacherError(f"{spec.name}: {label} in {tdir} is marked finished but its latest checkpoint is step "
                            f"{step}, not its train.steps {effective.train.steps}")
-    if status == "finished":
-        log(f"{spec.name}: using the finished {label} from {tdir} (step {step}, EMA parameters)")
+    log(f"{spec.name}: using the finished {label} from {tdir} (step {step}, EMA parameters)")
     return Teacher(effective, tdir, step, params)
 
 
@@ -127,7 +114,7 @@ def load_ema_params(checkpoint_dir: Path, which: str = "ema_params") -> tuple[An
 
 def _uses_student_model(objective) -> bool:
     """Whether the teacher's parameters go through the student's network (distillation, or a warm start)."""
-    return bool(getattr(objective.config, "init_from_teacher", False)) or not getattr(objective, "uses_pairs", False)
+    return objective.init_from_teacher or not objective.uses_pairs
 
 
 def check_architecture(spec: Spec, teacher: Teacher, student_params) -> None:
@@ -148,7 +135,7 @@ def start_from_teacher(spec: Spec, state, objective, teacher: Teacher | None):
         return state
     if _uses_student_model(objective):
         check_architecture(spec, teacher, state.params)
-    if not getattr(objective.config, "init_from_teacher", False):
+    if not objective.init_from_teacher:
         return state
     params = jax.tree.map(lambda a: jnp.array(a, copy=True), teacher.params)
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
@@ -160,7 +147,7 @@ def start_from_teacher(spec: Spec, state, objective, teacher: Teacher | None):
 def training_data(spec: Spec, objective, teacher: Teacher | None, rundir: Path, *,
                   log: Callable[[str], None] = print):
     """The training iterator for objectives that train on generated pairs; None for every other objective."""
-    if not getattr(objective, "uses_pairs", False):
+    if not objective.uses_pairs:
         return None
     if teacher is None:
         raise TeacherError(f"{spec.name}: method {spec.method.name} trains on pairs generated by a teacher; "
@@ -182,10 +169,22 @@ def pair_noise(start: int, count: int, shape: tuple[int, ...], seed: int) -> jax
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
-def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    os.replace(tmp, path)
+def pairs_flops(spec: Spec, objective, teacher: Teacher | None) -> float | None:
+    """FLOPs of the teacher's sampling of all `num_pairs` stored pairs (None for objectives without pairs, or
+    when the backend gives no cost analysis): one compiled network evaluation per sample x the sampler's
+    network evaluations per sample at `pair_steps` (and guidance)."""
+    if not objective.uses_pairs or teacher is None:
+        return None
+    from shortcut import assembly
+    from shortcut.compute import forward_flops_per_sample
+
+    cfg = spec.method
+    parts = assembly.build(teacher.spec)
+    per_sample = forward_flops_per_sample(parts.apply_fn, teacher.params, teacher.spec.input_shape)
+    if per_sample is None:
+        return None
+    evaluations = parts.objective.network_evaluations(cfg.pair_steps or cfg.denoise_timesteps, cfg.pair_cfg_scale)
+    return per_sample * evaluations * cfg.num_pairs
 
 
 def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callable[[str], None] = print,
@@ -196,9 +195,8 @@ def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callab
     chunks, so a killed generation resumes at the first unfinished chunk (a half-written chunk is redone).
     `max_chunks` stops after that many new chunks (used by tests to simulate a kill).
     """
-    from shortcut import methods
-    from shortcut.sampling import make_sampler, sample_labels
-    from shortcut.train import build_model, make_apply_fn
+    from shortcut import assembly
+    from shortcut.sampling import sample_labels
 
     cfg = spec.method
     n, chunk = cfg.num_pairs, cfg.pair_chunk_size
@@ -226,7 +224,7 @@ def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callab
             np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, *item_shape)).flush()
             os.replace(tmp, directory / f"{name}.npy")
         progress = {"meta": meta, "done": []}
-        _write_json(progress_path, progress)
+        record_lib.write_json(progress_path, progress, indent=1)
     todo = [c for c in range(num_chunks) if c not in set(progress["done"])]
     if not todo:
         return directory
@@ -236,8 +234,7 @@ def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callab
         log(f"{spec.name}: generating {n} pairs with the teacher {teacher.spec.name} at {steps} steps "
             f"in {num_chunks} chunks -> {directory}")
 
-    objective = methods.make_objective(teacher.spec)
-    sampler = make_sampler(objective, make_apply_fn(build_model(teacher.spec)))
+    sampler = assembly.build(teacher.spec).sampler
     arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r+") for name in ("noise", "image", "label")}
     batch = max(1, min(spec.eval.batch_size, chunk))
     for done_now, c in enumerate(todo):
@@ -256,7 +253,7 @@ def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callab
         for a in arrays.values():
             a.flush()
         progress["done"] = sorted(progress["done"] + [c])
-        _write_json(progress_path, progress)
+        record_lib.write_json(progress_path, progress, indent=1)
         log(f"{spec.name}: pairs chunk {len(progress['done'])}/{num_chunks} ({hi - lo} pairs) in "
             f"{time.perf_counter() - t0:.1f}s")
     return directory

@@ -21,6 +21,7 @@ import optax
 from tqdm import tqdm
 
 from shortcut.checkpoint import Checkpointer
+from shortcut.compute import program_flops
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.model import DiT
 from shortcut.objective import Context, Objective
@@ -163,9 +164,13 @@ class _StopSignals:
 def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, checkpointer: Checkpointer,
           *, shard: Callable = lambda x: x, log: Callable[[str], None] = print,
           on_log: Callable[[dict], None] = lambda m: None,
-          on_eval: Callable[[TrainState, int], None] | None = None, prefetch: int = 2) -> TrainResult:
+          on_eval: Callable[[TrainState, int], None] | None = None,
+          on_curve: Callable[[TrainState, int], None] | None = None,
+          on_compiled: Callable[[float | None], None] = lambda flops: None, prefetch: int = 2) -> TrainResult:
     """Run `spec.train.steps` steps from the latest checkpoint (if any), checkpointing as configured,
-    calling `on_eval(state, step)` every `spec.eval.every` steps (not at the end: the caller does).
+    calling `on_eval(state, step)` every `spec.eval.every` steps and `on_curve(state, step)` every
+    `spec.eval.curve_every` steps (not at the end: the caller evaluates there). Before the first step,
+    `on_compiled` gets the FLOPs of one compiled train step (compute.py; None if unknown).
     `prefetch` batches are put on the devices (`shard`) ahead of the step that takes them."""
     cfg = spec.train
     resumed_from, data_state = None, None
@@ -194,7 +199,10 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
     try:
         for step in range(start, cfg.steps):
             signals.check()
-            state, metrics = train_step(state, next(data))
+            batch = next(data)
+            if step == start and hasattr(train_step, "lower"):
+                on_compiled(program_flops(train_step, state, batch))
+            state, metrics = train_step(state, batch)
             window_steps += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -217,6 +225,8 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
                 last_saved = _save(checkpointer, done, state, data)
             if on_eval and spec.eval.every and done % spec.eval.every == 0 and done < cfg.steps:
                 on_eval(state, done)
+            if on_curve and spec.eval.curve_every and done % spec.eval.curve_every == 0 and done < cfg.steps:
+                on_curve(state, done)
             bar.update(1)
         signals.check()
         if last_saved != cfg.steps:

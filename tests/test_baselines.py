@@ -3,6 +3,7 @@ network evaluations, stage dependencies (teacher resolution, pair generation), a
 spec trained for a few steps through shortcut.run.run."""
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import jax
@@ -20,7 +21,8 @@ from baselines.reflow import ReflowConfig, ReflowObjective
 from shortcut import methods, stages
 from shortcut.checkpoint import Checkpointer
 from shortcut.objective import Context, euler_sample, expand
-from shortcut.run import run, run_dir
+from shortcut.record import run_dir
+from shortcut.run import run
 from shortcut.spec import SpecError, load_spec
 from shortcut.train import TrainState, build_model, make_optimizer, make_train_step, train
 from tests.oracle import MU, S, SHAPE, exact_shortcut, exact_velocity, gaussian_batch, velocity_model
@@ -398,25 +400,26 @@ def test_meanflow_batch_split_conditioning_and_finite_targets_with_level_conditi
 
 
 def all_objectives():
-    kw = dict(num_classes=10)
-    return {
-        "diffusion": DiffusionObjective(DiffusionConfig(name="diffusion"), **kw),
-        "consistency_training": ConsistencyTrainingObjective(ConsistencyTrainingConfig(name="consistency_training"),
-                                                             total_steps=70, **kw),
-        "consistency_distillation": ConsistencyDistillationObjective(
-            ConsistencyDistillationConfig(name="consistency_distillation"), **kw),
-        "progressive_distillation": ProgressiveDistillationObjective(
-            ProgressiveDistillationConfig(name="progressive_distillation"), total_steps=70, **kw),
-        "reflow": ReflowObjective(ReflowConfig(name="reflow"), **kw),
-        "live_reflow": LiveReflowObjective(LiveReflowConfig(name="live_reflow"), **kw),
-        "meanflow": MeanFlowObjective(MeanFlowConfig(name="meanflow"), **kw),
-    }
+    """Every registered method (shortcut/methods.py: the entry points), built as a spec builds it, so a new
+    method is tested here without being listed."""
+    out = {}
+    for name in methods.method_names():
+        cls = methods.objective_class(name)
+        spec = SimpleNamespace(method=cls.Config(name=name), data=SimpleNamespace(num_classes=10),
+                               train=SimpleNamespace(steps=70))
+        out[name] = cls.from_spec(spec)
+    return out
 
 
-def test_every_baseline_is_registered():
-    assert set(all_objectives()) <= set(methods.OBJECTIVES)
-    for name, obj in all_objectives().items():
-        assert methods.objective_class(name) is type(obj)
+def test_every_method_is_registered_with_its_table_name():
+    names = methods.method_names()
+    assert {"shortcut", "flow_matching", "diffusion", "consistency_training", "consistency_distillation",
+            "progressive_distillation", "reflow", "live_reflow", "meanflow"} <= set(names)
+    assert names[:5] == ["diffusion", "flow_matching", "consistency_training", "live_reflow", "shortcut"]
+    assert methods.display_name("progressive_distillation") == "Progressive Distillation"
+    assert methods.display_name("not_installed_here") == "Not Installed Here"
+    with pytest.raises(methods.KeyedValueError, match="expected one of"):
+        methods.objective_class("no_such_method")
 
 
 @pytest.mark.parametrize("name", sorted(all_objectives()))
@@ -511,14 +514,18 @@ def _assert_trained(record, spec):
     assert record["samples"]["1"]["network_evaluations"] == 1
 
 
-def test_teacher_is_trained_first_then_reused_and_a_failed_teacher_is_an_error(tmp_path):
-    """Consistency distillation, progressive distillation and reflow end to end with one tiny teacher."""
+def test_a_student_uses_its_finished_teacher_and_never_trains_one(tmp_path):
+    """Consistency distillation, progressive distillation and reflow end to end with one tiny teacher, which
+    the library never trains itself (the graph, or `run_experiment STUDENT`, runs it first)."""
     logs = []
     cd = tiny("digits_consistency_distillation")
+    teacher_dir = run_dir(cd.teacher_spec(), tmp_path)
+    with pytest.raises(stages.TeacherError, match="has no finished run .*run it first: run_experiment digits_flow"):
+        run(cd, workdir=tmp_path, log=logs.append)
+    assert not teacher_dir.exists()
+    _assert_trained(run(cd.teacher_spec(), workdir=tmp_path, log=logs.append), cd.teacher_spec())
     record = run(cd, workdir=tmp_path, log=logs.append)
     _assert_trained(record, cd)
-    teacher_dir = run_dir(cd.teacher_spec(), tmp_path)
-    assert any("has no run yet; training it first" in m for m in logs)
     teacher_record = json.loads((teacher_dir / "run.json").read_text())
     assert teacher_record["status"] == "finished" and record["teacher"]["run_dir"] == str(teacher_dir)
     assert record["teacher"]["spec_hash"] == cd.teacher_spec().hash() and record["teacher"]["step"] == 4
@@ -529,7 +536,6 @@ def test_teacher_is_trained_first_then_reused_and_a_failed_teacher_is_an_error(t
     rf = tiny("digits_reflow", "method.num_pairs=16", "method.pair_chunk_size=8")
     _assert_trained(run(rf, workdir=tmp_path, log=logs.append), rf)
     assert sum("using the finished teacher digits_flow" in m for m in logs) == 2
-    assert not any("training it first" in m for m in logs)
     assert json.loads((teacher_dir / "run.json").read_text())["started"] == teacher_record["started"]
     assert stages.pairs_complete(run_dir(rf, tmp_path) / "pairs")
 
@@ -550,3 +556,22 @@ def test_digits_spec_trains_a_few_steps(name, tmp_path):
     record = run(spec, workdir=tmp_path, log=lambda m: None)
     _assert_trained(record, spec)
     assert "teacher" not in record
+
+
+def test_run_experiment_runs_a_missing_teacher_first(tmp_path):
+    """A single student from the command line is two runs: its teacher (when it has no finished run), then it."""
+    import subprocess
+    import sys
+
+    sets = sum([["--set", o] for o in TINY + ["teacher_overrides=" + json.dumps(TINY)]], [])
+    argv = [sys.executable, "-m", "orchestration.run_experiment", "digits_consistency_distillation", "--in-process",
+            "--no-tracking", "--workdir", str(tmp_path), "--results-dir", str(tmp_path / "results"), *sets]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "its teacher digits_flow has no finished run" in proc.stderr and "running it first" in proc.stderr
+    student = tiny("digits_consistency_distillation")
+    teacher = json.loads((run_dir(student.teacher_spec(), tmp_path) / "run.json").read_text())
+    assert teacher["status"] == "finished"
+    assert json.loads((run_dir(student, tmp_path) / "run.json").read_text())["teacher"]["spec_hash"] == teacher["spec_hash"]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)  # now the teacher is reused
+    assert again.returncode == 0 and "running it first" not in again.stderr

@@ -26,7 +26,7 @@ from shortcut.data.preprocess import adm_center_crop
 from shortcut.data.tfenv import tf, tfds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-N_DIGITS = 1797
+N_DIGITS = 1438  # the digits' train split; 359 more are held out (stratified, shortcut/data/heldout.py)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,17 @@ def mode(request, monkeypatch) -> str:
     return request.param
 
 
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits scaled as the pipeline should: [N, 8, 8, 1] in [-1, 1], labels."""
+def sklearn_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """A split of scikit-learn's digits scaled as the pipeline should: [N, 8, 8, 1] in [-1, 1], labels."""
     from sklearn.datasets import load_digits
+
+    from shortcut.data.digits import split_indices
 
     bunch = load_digits()
     uint8 = np.rint(bunch.images * 255 / 16).astype(np.float32)
     images = (uint8 / np.float32(127.5) - np.float32(1.0))[..., None]  # float32, as the pipeline
-    return images, bunch.target
+    idx = split_indices(split)
+    return images[idx], bunch.target[idx]
 
 
 def multiset(images: np.ndarray, labels: np.ndarray) -> collections.Counter:
@@ -74,7 +77,8 @@ def assert_same_batches(a, b) -> None:
 def test_check_dataset_prepares_digits_offline(data_dir):
     info = check_dataset("digits", data_dir=data_dir)
     assert info == DatasetInfo("digits", (8, 8, 1), 10, N_DIGITS)
-    assert (Path(data_dir) / "digits" / "1.0.0" / "dataset_info.json").is_file()
+    assert (Path(data_dir) / "digits" / "2.0.0" / "dataset_info.json").is_file()
+    assert check_dataset("digits", split="heldout", data_dir=data_dir).num_examples == 1797 - N_DIGITS
     assert check_dataset("digits", data_dir=data_dir, image_size=16).image_shape == (16, 16, 1)
 
 
@@ -92,8 +96,9 @@ def test_digits_batches(data_dir):
     assert set(labels.tolist()) == set(range(10))
 
 
-def test_digits_epoch_is_the_sklearn_data(data_dir, mode):
+def test_digits_epoch_is_the_sklearn_train_split(data_dir, mode):
     ref = multiset(*sklearn_digits())
+    assert not ref & multiset(*sklearn_digits("heldout")), "no held-out digit may be trained on"
     it = make_train_iterator("digits", batch_size=N_DIGITS, seed=1, data_dir=data_dir)
     first, second = next(it), next(it)  # one whole epoch per batch
     assert multiset(first["image"], first["label"]) == ref
@@ -135,7 +140,7 @@ def test_flips_only_with_flip(data_dir):
     symmetric = np.all(plain == mirror, axis=(1, 2, 3))
     assert np.all(same | mirrored), "a flip may only mirror an image"
     assert (mirrored & ~symmetric).sum() > 100 and (same & ~symmetric).sum() > 100
-    # Without flip=True the stream is the data itself (test_digits_epoch_is_the_sklearn_data),
+    # Without flip=True the stream is the data itself (test_digits_epoch_is_the_sklearn_train_split),
     # here: it is not mirrored relative to the same-seed stream either.
     again = np.concatenate([b["image"] for b in take(make_train_iterator("digits", **kwargs), 4)])
     np.testing.assert_array_equal(again, plain)
@@ -153,8 +158,8 @@ def test_processes_see_disjoint_shards_covering_the_data(data_dir, mode):
         shard = multiset(b["image"], b["label"])
         sizes.append(sum(shard.values()))
         seen += shard
-    assert sizes == [899, 898]
-    assert seen == multiset(*sklearn_digits())  # disjoint and together the whole data
+    assert sizes == [719, 719]
+    assert seen == multiset(*sklearn_digits())  # disjoint and together the whole train split
 
 
 def test_restore_iterator_state(data_dir, mode):

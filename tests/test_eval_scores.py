@@ -67,7 +67,7 @@ def test_inception_logits_head_feeds_the_inception_score(tmp_path):
     from shortcut.evaluation import InceptionFeatureNet, ReferenceStats, RunningStats
     from shortcut.evaluation.inception import random_inception_variables
     from shortcut.evaluation.inception_head import load_logits_weight
-    from shortcut.evaluation.inception_weights import convert_to_npz
+    from shortcut.evaluation.convert_inception import convert_to_npz
     from shortcut.evaluation.sample_metrics import compute_sample_metrics
 
     variables = random_inception_variables(seed=1)

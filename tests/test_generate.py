@@ -8,7 +8,8 @@ from PIL import Image
 
 from orchestration import evaluate_samples, generate
 from shortcut.evaluation.sample_metrics import SampleStats
-from shortcut.run import run, run_dir
+from shortcut.record import run_dir
+from shortcut.run import run
 from shortcut.sample_files import SampleFileWriter, from_sample_images, read_samples, to_sample_images
 from shortcut.spec import load_spec
 
@@ -29,7 +30,7 @@ def test_sample_file_scores_as_inside_the_run(digits_run, tmp_path):
     workdir, rundir, record = digits_run
     inside = next(e for e in record["evaluation"] if e["num_steps"] == 1)
     assert {"is_digits", "precision_digits", "recall_digits", "class_accuracy"} <= set(inside)
-    assert inside["precision_recall_k"] == 3 and inside["precision_recall_reference"] == 1797
+    assert inside["precision_recall_k"] == 3 and inside["precision_recall_reference"] == 359  # the held-out digits
     saved = record["samples"]["1"]["samples_file"]  # eval.save_samples: the evaluation's own samples
     out = tmp_path / "s.npz"
     assert generate.main(["digits_shortcut", "--workdir", str(workdir), *sum([["--set", o] for o in SHORT], []),
@@ -56,7 +57,7 @@ def test_evaluate_samples_is_the_run_metric_on_the_same_images(digits_run, tmp_p
     _, _, record = digits_run
     path = record["samples"]["4"]["samples_file"]
     images, _ = read_samples(path)
-    metric = digits_metric()
+    metric = digits_metric(heldout_split="heldout")  # what `--reference digits` means
     direct = compute_sample_metrics(lambda s, n: from_sample_images(images[s:s + n], 1), NUM, 50,
                                     metric.reference, metric.net)
     assert evaluate_samples.main([path, "--reference", "digits", "--batch-size", "50",

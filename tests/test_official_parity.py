@@ -174,7 +174,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_import_then_eval_only(fx, tmp_path, capsys):
     from orchestration import run_experiment
     from shortcut.checkpoint import Checkpointer
-    from shortcut.run import run_dir
+    from shortcut.record import run_dir
     from shortcut.spec import load_spec
     from shortcut.train import TrainState, build_model, init_state, make_optimizer, restore
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from shortcut import methods
 from shortcut.checkpoint import Checkpointer
-from shortcut.run import jsonable, run, run_dir
+from shortcut.record import jsonable, run_dir
+from shortcut.run import run
 from shortcut.spec import list_specs, load_spec
 from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
                             make_train_step, train)
@@ -65,8 +66,11 @@ BASELINE_PAPER_SPECS = [n for n in list_specs() if n.startswith(("celeba_", "ima
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BASELINE_PAPER_SPECS)
 def test_baseline_paper_specs_smoke(name, tmp_path):
-    """Every baseline's CelebA/ImageNet spec end to end with --smoke (teachers trained as smoke runs too)."""
-    record = run(load_spec(name), workdir=tmp_path, smoke=True, log=lambda s: None)
+    """Every baseline's CelebA/ImageNet spec end to end with --smoke (its teacher first, as a smoke run too)."""
+    spec = load_spec(name)
+    if spec.teacher is not None:
+        assert run(spec.teacher_spec(), workdir=tmp_path, smoke=True, log=lambda s: None)["status"] == "finished"
+    record = run(spec, workdir=tmp_path, smoke=True, log=lambda s: None)
     assert record["status"] == "finished" and set(record["samples"]) == {"128", "4", "1"}
 
 

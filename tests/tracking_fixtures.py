@@ -41,9 +41,13 @@ def spec_hash(spec: dict) -> str:
 
 def make_record(workdir: Path, spec: dict, values: dict[int, float] | None = None, *, status: str = "finished",
                 history_steps=(50, 100), train_step: int = 100, extra_evals: list[dict] | None = None,
-                smoke: bool = False, grids: bool = True) -> dict:
+                smoke: bool = False, grids: bool = True, floor: float | None = None,
+                spreads: dict[int, float] | None = None, compute: float | None = None,
+                curve: dict[int, list[tuple[float, float]]] | None = None) -> dict:
     """A run record with a loss history, evaluations {num_steps: value} at `train_step`, and sample grids
-    (written with the project's own save_grid) whose first cell is a known image (see first_image)."""
+    (written with the project's own save_grid) whose first cell is a known image (see first_image). Optional
+    evidence for comparisons: the metric's noise `floor`, each value's bootstrap std (`spreads`, by steps),
+    the run's total training FLOPs (`compute`) and its convergence `curve` {steps: [(FLOPs, value)]}."""
     from shortcut.images import save_grid
 
     h = spec_hash(spec)
@@ -65,7 +69,10 @@ def make_record(workdir: Path, spec: dict, values: dict[int, float] | None = Non
         evaluation.append({"train_step": train_step, "num_steps": n, "metric": spec["eval"]["metric"], "value": v,
                            "num_samples": spec["eval"]["num_samples"], "cfg_scale": 1.0, "seed": spec["seed"] + 1,
                            "params": "ema", "feature_net": "digits_mlp", "feature_net_sha256": "ab" * 32,
-                           "reference_stats_sha256": "cd" * 32, "class_accuracy": 0.5})
+                           "reference_stats_sha256": "cd" * 32, "class_accuracy": 0.5,
+                           **({"noise_floor": {"value": floor, "std": 0.1, "draws": 10, "source": "synthetic"}}
+                              if floor is not None else {}),
+                           **({"bootstrap_std": spreads[n]} if spreads and n in spreads else {})})
     history = [{"step": s, "loss": 1.0 / s, "loss_flow": 0.5 / s, "loss_bootstrap": 0.25 / s, "grad_norm": 1.5,
                 "lr": 1e-3, "steps_per_sec": 10.0} for s in history_steps]
     record = {
@@ -77,6 +84,11 @@ def make_record(workdir: Path, spec: dict, values: dict[int, float] | None = Non
         "train": {"steps": spec["train"]["steps"], "final": history[-1] if history else None, "history": history},
         "samples": samples, "evaluation": evaluation,
     }
+    if compute is not None:
+        record["compute"] = {"total_flops": compute, "train_flops": compute, "steps": spec["train"]["steps"]}
+    if curve:
+        record["curve"] = [{"train_step": i, "num_steps": n, "metric": spec["eval"]["metric"], "value": v,
+                            "compute_flops": c} for n, points in curve.items() for i, (c, v) in enumerate(points)]
     (rundir / "run.json").write_text(json.dumps(record, indent=2))
     return record
 

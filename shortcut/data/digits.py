@@ -1,10 +1,14 @@
-"""`digits`: scikit-learn's bundled 8x8 handwritten digits as a TFDS dataset (offline)."""
+"""`digits`: scikit-learn's bundled 8x8 handwritten digits as a TFDS dataset (offline), split into
+`train` (1,437 images) and `heldout` (360: 20 % of every class, data/heldout.py), which training never sees."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from shortcut.data.heldout import stratified_split
 from shortcut.data.tfenv import tfds
+
+SPLITS = ("train", "heldout")
 
 
 def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -19,12 +23,25 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images, bunch.target.astype(np.int64)
 
 
+def split_indices(split: str) -> np.ndarray:
+    """Indices into `digits_uint8()` of a split: `train`, `heldout` or `all`."""
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    if split == "all":
+        return np.arange(len(labels))
+    if split not in SPLITS:
+        raise ValueError(f"digits has the splits {', '.join(SPLITS)} (and 'all'), not {split!r}")
+    return dict(zip(SPLITS, stratified_split(labels)))[split]
+
+
 class Digits(tfds.core.GeneratorBasedBuilder):
-    """The 1,797 8x8 grey-scale digits of `sklearn.datasets.load_digits`, one `train` split."""
+    """The 1,797 8x8 grey-scale digits of `sklearn.datasets.load_digits`: `train` and `heldout` splits."""
 
     name = "digits"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "scikit-learn load_digits, values mapped 0..16 -> 0..255."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "scikit-learn load_digits, values mapped 0..16 -> 0..255.",
+                     "2.0.0": "a stratified 20 % `heldout` split; `train` is the other 80 %."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -41,9 +58,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the data ships with scikit-learn
-        return {"train": self._generate_examples()}
+        return {split: self._generate_examples(split) for split in SPLITS}
 
-    def _generate_examples(self):
+    def _generate_examples(self, split: str):
         images, labels = digits_uint8()
-        for i, (image, label) in enumerate(zip(images, labels)):
-            yield i, {"image": image, "label": int(label)}
+        for i in split_indices(split):
+            yield int(i), {"image": images[i], "label": int(labels[i])}

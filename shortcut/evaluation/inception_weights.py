@@ -430,27 +430,3 @@ def load_inception_weights(
             "weights file.\n" + how_to_provide()
         )
     return LoadedWeights(variables, p, file_sha, source_sha, fmt, source_name)
-
-
-def convert_to_npz(src: str | os.PathLike, dst: str | os.PathLike | None = None,
-                   expected_sha256: str | None = STANDARD) -> Path:
-    """Convert a .pth or jax-fid pickle to this project's .npz (default: the default weights dir)."""
-    loaded = load_inception_weights(src, expected_sha256)
-    if loaded.fmt == "npz":
-        raise ValueError(f"{src} is already a converted .npz")
-    from shortcut.evaluation.inception_head import NPZ_KEY, load_logits_weight
-
-    dst = Path(dst) if dst is not None else default_weights_dir() / CONVERTED_FILENAME
-    head = load_logits_weight(loaded.path, loaded.fmt)  # kept for the Inception Score
-    save_variables_npz(
-        dst,
-        loaded.variables,
-        {
-            "source_file": Path(src).name,
-            "source_sha256": loaded.file_sha256,
-            "source_format": loaded.fmt,
-            "params_digest": params_digest(loaded.variables),
-        },
-        extra=None if head is None else {NPZ_KEY: head},
-    )
-    return dst

@@ -19,6 +19,7 @@ import numpy as np
 
 from shortcut.evaluation.fid import MetricResult
 from shortcut.evaluation.frechet import RunningStats, atomic_savez
+from shortcut.evaluation.noise_floor import bootstrap_std
 from shortcut.evaluation.inception_score import DEFAULT_SPLITS, InceptionScoreStats, softmax
 from shortcut.evaluation.precision_recall import DEFAULT_K, precision_recall
 from shortcut.evaluation.reference_stats import ReferenceStats
@@ -89,7 +90,7 @@ class SampleStats:
 
 def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: int, reference: ReferenceStats,
                            net, *, checkpoint_path: str | os.PathLike | None = None, fingerprint: str = "",
-                           progress: bool | None = None) -> MetricResult:
+                           progress: bool | None = None, extra_references: dict | None = None) -> MetricResult:
     """Score `num_samples` images (``batches_fn(start, n)`` in [-1, 1], NHWC) with `net` (an object
     with ``outputs(images) -> (features, logits or None)``, ``name``, ``sha256``) against `reference`.
 
@@ -97,7 +98,9 @@ def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: 
     IS name + "_std", IS name + "_splits", precision and recall names, "precision_recall_k",
     "precision_recall_samples", "precision_recall_reference"}; the IS keys are missing when the
     network has no logits, the precision/recall keys when the reference holds no features (then
-    "score_notes" says so).
+    "score_notes" says so). Also "bootstrap_std" (the value's std over resamplings of the samples, when every
+    sample's features are kept and they are small enough) and, for each of `extra_references` (name ->
+    ReferenceStats), the Frechet distance to it under that name.
     """
     reference.check_feature_net(net.name, net.sha256)
     stats: SampleStats = compute_stats(
@@ -120,6 +123,12 @@ def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: 
     else:
         notes.append(f"{p_name}/{r_name}: the reference statistics hold no reference features "
                      "(recompute them with fid_stats)")
+    if stats.count == len(stats.pr_features):
+        spread = bootstrap_std(stats.pr_features, reference)
+        if spread is not None:
+            out["bootstrap_std"] = spread
+    for name, ref in (extra_references or {}).items():
+        out[name] = ref.frechet_distance(stats.running)
     if notes:
         out["score_notes"] = notes
     return MetricResult(reference.frechet_distance(stats.running), out)

@@ -1,0 +1,47 @@
+"""One place that turns a spec into the parts of a run: network, objective, optimiser, sampler, codec.
+
+Every caller (a run, a teacher's pair generation, `generate`, `import_checkpoint`, the memory check and
+plan, the benchmarks) builds through `build(spec)`, so none of them can assemble a run differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+from shortcut import methods
+from shortcut.sampling import make_sampler
+from shortcut.spec import Spec
+from shortcut.train import build_model, make_apply_fn, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    spec: Spec
+    model: Any  # the DiT (flax module)
+    apply_fn: Callable  # (params, x, t, d, labels) -> velocity
+    objective: Any  # the method's Objective
+    optimizer: Any  # optax GradientTransformation (AdamW, optional clipping)
+    sampler: Callable  # sampler(params, noise, labels, num_steps=, cfg_scale=) -> samples
+    smoke: bool = False
+
+    @functools.cached_property
+    def codec(self):
+        """The VAE of a latent spec (a random reduced-width one under --smoke), None for pixel specs; built on
+        first use (loading sd-vae-ft-mse's weights is not free)."""
+        lat = self.spec.data.latent
+        if lat is None:
+            return None
+        from shortcut.vae import LatentCodec
+
+        return LatentCodec.from_spec(lat, self.smoke, batch_size=lat.batch_size, seed=self.spec.seed, path=lat.weights)
+
+
+def build(spec: Spec, *, smoke: bool = False) -> Parts:
+    """The parts of a run of `spec` (already in its --smoke form when `smoke`; it only picks the codec)."""
+    model = build_model(spec)
+    apply_fn = make_apply_fn(model)
+    objective = methods.make_objective(spec)
+    return Parts(spec, model, apply_fn, objective, make_optimizer(spec.optimizer), make_sampler(objective, apply_fn),
+                 smoke)

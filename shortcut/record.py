@@ -1,0 +1,81 @@
+"""The run record (`run.json`) and the run directory it lives in: one place that reads, writes and judges them.
+
+A run's directory is `<workdir>/<spec name>/<spec hash[:12]>/`; its record says how the run ended in
+`status`, one of STATUSES. Writes are atomic (a reader never sees half a record), and a record is
+*finished* only for the spec hash it was made for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED = "running", "finished", "failed", "interrupted", "stopped"
+STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED)
+FILE = "run.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_dir(spec, workdir: str | Path | None = None) -> Path:
+    """Where a spec's run lives: `<workdir>/<name>/<hash[:12]>/` (workdir: the spec's output.workdir)."""
+    return Path(workdir or spec.output.workdir) / spec.name / spec.hash()[:12]
+
+
+def jsonable(obj):
+    """numpy scalars and arrays as numbers and lists; anything else unknown as its string."""
+    return obj.tolist() if isinstance(obj, (np.generic, np.ndarray)) else str(obj)
+
+
+def write_json(path: str | Path, content: dict, indent: int | None = 2) -> None:
+    """Atomic write of a JSON file: a reader never sees it half written."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=indent, default=jsonable))
+    os.replace(tmp, path)
+
+
+def read(rundir: str | Path) -> dict | None:
+    """The record in a run directory (or a record file), None when there is none or it does not parse."""
+    path = Path(rundir)
+    path = path / FILE if path.is_dir() or not path.suffix else path
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write(rundir: str | Path, record: dict) -> None:
+    write_json(Path(rundir) / FILE, record)
+
+
+def finished(record: dict | None, spec_hash: str | None = None) -> bool:
+    """Whether a record is of a finished run (of the spec with `spec_hash`, when given)."""
+    return bool(record) and record.get("status") == FINISHED and (spec_hash is None or
+                                                                   record.get("spec_hash") == spec_hash)
+
+
+def git_commit(path: str | Path = REPO_ROOT) -> str:
+    """HEAD's commit of the checkout at `path`, with "-dirty" when tracked files differ from it (git_changes
+    names them); $SHORTCUT_GIT_COMMIT when set (a Ray job's uploaded copy has no .git); "unknown" otherwise."""
+    if os.environ.get("SHORTCUT_GIT_COMMIT"):
+        return os.environ["SHORTCUT_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+        return head + ("-dirty" if git_changes(path) else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def git_changes(path: str | Path = REPO_ROOT) -> list[str]:
+    """The tracked files that differ from HEAD (`git status --porcelain` lines), [] when clean or unknown."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]

@@ -1,0 +1,112 @@
+"""Adding a method is one module plus one spec: a throwaway package with a new objective, installed into a
+temporary directory, is found through the `shortcut.methods` entry points and runs end to end with
+`run_experiment`; its record and table row carry the plugin's own name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODULE = '''
+"""Flow matching with continuous uniform times: a method that lives outside this project."""
+
+import jax
+import jax.numpy as jnp
+
+from shortcut.methods import MethodConfig
+from shortcut.objective import Objective, Targets, drop_labels, euler_sample, interpolate
+
+
+class UniformTimeConfig(MethodConfig):
+    pass
+
+
+class UniformTimeObjective(Objective):
+    Config = UniformTimeConfig
+    display_name = "Uniform-Time Flow"
+    table_order = 95
+
+    def targets(self, key, batch, ctx):
+        x1, labels = batch["image"], batch["label"]
+        k_t, k_noise, k_label = jax.random.split(key, 3)
+        t = jax.random.uniform(k_t, (x1.shape[0],))
+        x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
+        d = jnp.full_like(t, 1.0 / self.config.denoise_timesteps)
+        labels = drop_labels(k_label, labels, self.config.class_dropout, self.null_class)
+        return Targets(interpolate(x0, x1, t), t, d, labels, x1 - x0, jnp.zeros(x1.shape[0], jnp.int32))
+
+    def sample(self, apply_fn, params, noise, labels, num_steps, *, cfg_scale=1.0):
+        return euler_sample(apply_fn, params, noise, labels, num_steps, d_cond=1.0 / self.config.denoise_timesteps,
+                            cfg_scale=cfg_scale, null_class=self.null_class)
+'''
+
+PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "uniform-time-method"
+version = "0.1"
+
+[project.entry-points."shortcut.methods"]
+uniform_time = "uniform_time_method:UniformTimeObjective"
+'''
+
+SPEC = '''
+description: A plugin method on the embedded digits.
+base: bases/digits.yaml
+method:
+  name: uniform_time
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    """The package installed into its own directory (not into the project's environment)."""
+    root = tmp_path_factory.mktemp("plugin")
+    package = root / "src"
+    package.mkdir()
+    (package / "uniform_time_method.py").write_text(textwrap.dedent(MODULE))
+    (package / "pyproject.toml").write_text(PYPROJECT)
+    site = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
+    experiments = root / "experiments"
+    shutil.copytree(REPO / "experiments" / "bases", experiments / "bases")
+    (experiments / "digits_uniform_time.yaml").write_text(SPEC)
+    return site, experiments
+
+
+def test_a_method_from_another_package_runs_end_to_end(plugin, tmp_path):
+    site, experiments = plugin
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]),
+           "SHORTCUT_EXPERIMENTS": str(experiments), "JAX_PLATFORMS": "cpu"}
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results" / "paper", results / "paper")
+    quick = ["model.size=null", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.steps=20", "train.log_every=10", "train.checkpoint_every=20", "train.batch_size=32",
+             "eval.steps=[4,1]", "eval.num_samples=100", "eval.batch_size=100", "eval.grid_size=4",
+             "eval.curve_every=10"]
+    proc = subprocess.run([sys.executable, "-m", "orchestration.run_experiment", "digits_uniform_time",
+                           "--in-process", "--no-tracking", "--workdir", str(tmp_path / "runs"),
+                           "--results-dir", str(results), *sum([["--set", q] for q in quick], [])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [record] = list((tmp_path / "runs" / "digits_uniform_time").glob("*/run.json"))
+    run = json.loads(record.read_text())
+    assert run["status"] == "finished" and run["spec"]["method"]["name"] == "uniform_time"
+    assert {e["num_steps"] for e in run["evaluation"]} == {4, 1} and run["compute"]["total_flops"] > 0
+    assert [p["train_step"] for p in run["curve"]] == [10, 10, 20, 20]
+    proc = subprocess.run([sys.executable, "-m", "orchestration.make_tables", "--results-dir", str(results)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| Uniform-Time Flow | DiT-h32-d1/2 |" in (results / "tables" / "table1_digits_fd_digits.md").read_text()
