@@ -434,7 +434,7 @@ def plan(spec, topology: Topology, *, strategy: str | None = None, mfu: float = 
                      "differ" if topology.platform == "cpu" else
                      f"compiled by libtpu for {topology.slice_name} ({n} devices) on a machine without one"),
         "jax": jax.__version__, "libtpu": _libtpu_version() if topology.platform == "tpu" else None,
-        "git_commit": record.git_commit(), "git_changes": record.git_changes(),
+        **record.git_provenance(),
         "num_params": main.get("state_bytes", {}).get("num_params") or _num_params(b.state),
         "device_memory": capacity, "device_memory_source": capacity_source, "mfu": mfu,
         "projections": "step and run times are projections: compiled FLOPs / (peak x MFU); the memory and FLOP "

@@ -306,7 +306,7 @@ def _run_table(args, address: str | None) -> int:
     import time
 
     from orchestration import cluster, graph, make_tables
-    from shortcut.run import run_dir
+    from shortcut.record import run_dir
 
     table = graph.load_table(args.name)
     nodes = graph.build(table, tuple(args.overrides), smoke=args.smoke)

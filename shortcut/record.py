@@ -58,17 +58,24 @@ def finished(record: dict | None, spec_hash: str | None = None) -> bool:
                                                                    record.get("spec_hash") == spec_hash)
 
 
-def git_commit(path: str | Path = REPO_ROOT) -> str:
-    """HEAD's commit of the checkout at `path`, with "-dirty" when tracked files differ from it (git_changes
-    names them); $SHORTCUT_GIT_COMMIT when set (a Ray job's uploaded copy has no .git); "unknown" otherwise."""
+def git_provenance(path: str | Path = REPO_ROOT) -> dict:
+    """{"git_commit": HEAD of the checkout at `path`, with "-dirty" when tracked files differ from it,
+    "git_changes": those files}: $SHORTCUT_GIT_COMMIT when set (a Ray job's uploaded copy has no .git),
+    "unknown" when git cannot tell."""
     if os.environ.get("SHORTCUT_GIT_COMMIT"):
-        return os.environ["SHORTCUT_GIT_COMMIT"]
+        return {"git_commit": os.environ["SHORTCUT_GIT_COMMIT"], "git_changes": []}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
-        return head + ("-dirty" if git_changes(path) else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return {"git_commit": "unknown", "git_changes": []}
+    changes = git_changes(path)
+    return {"git_commit": head + ("-dirty" if changes else ""), "git_changes": changes}
+
+
+def git_commit(path: str | Path = REPO_ROOT) -> str:
+    """The "git_commit" of git_provenance()."""
+    return git_provenance(path)["git_commit"]
 
 
 def git_changes(path: str | Path = REPO_ROOT) -> list[str]:

@@ -21,7 +21,7 @@ from clu import parameter_overview
 from shortcut import data as data_lib
 from shortcut import assembly, compute, stages
 from shortcut import record as record_lib
-from shortcut.record import run_dir  # noqa: F401 - where callers have long found it
+from shortcut.record import run_dir
 from shortcut.checkpoint import Checkpointer, remove_partial_saves
 from shortcut.evaluate import evaluate, load_metric, smoke_metric
 from shortcut.run_lock import RunLock
@@ -114,8 +114,7 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
     record.update({
         "name": spec.name, "spec_hash": spec.hash(), "smoke": smoke, "status": "running",
         "data": "mock (random) data, for a pipeline check only" if smoke else spec.data.dataset,
-        "git_commit": record_lib.git_commit(), "git_changes": record_lib.git_changes(), "started": _now(),
-        "run_dir": str(rundir),
+        **record_lib.git_provenance(), "started": _now(), "run_dir": str(rundir),
         "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
         "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions(),
         "spec": spec.model_dump(mode="json"),

@@ -107,7 +107,7 @@ import json, sys
 import ray
 from orchestration import cluster
 from orchestration.worker import Tracking
-from shortcut.run import smoke_version
+from shortcut.spec import smoke_version
 from shortcut.spec import load_spec
 
 workdir, results, sequential, parallel, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
