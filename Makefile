@@ -29,9 +29,9 @@ $(REFERENCE): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/run_experiment digits_shortcut
 
-# The malloc settings a CPU Ray worker gets (orchestration/cluster.py CPU_MALLOC_TUNABLES), for the
+# The malloc settings a CPU Ray worker gets (orchestration/execution/cluster.py CPU_MALLOC_TUNABLES), for the
 # JAX programs the tests run in this process: read at process start, hence set here.
-MALLOC = $(shell $(VENV)/bin/python -c "from orchestration.cluster import CPU_MALLOC_TUNABLES as t; print(t)")
+MALLOC = $(shell $(VENV)/bin/python -c "from orchestration.execution.cluster import CPU_MALLOC_TUNABLES as t; print(t)")
 
 test: $(STAMP) $(REFERENCE)
 	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest

@@ -7,7 +7,7 @@ Train step: DiT-B/2 and DiT-XL/2 shortcut models (imagenet_ditb_shortcut, imagen
 the paper's batch size (256), bfloat16, under `dp` and `fsdp` (fsdp only with more than one device:
 on one device it is dp). For each: step time, images/s, memory (XLA's compiled estimate per device,
 and the allocator's peak where the device reports it), and MFU = XLA's cost-analysis FLOPs of the
-compiled (per-device) step / step time / the device's peak dense bf16 FLOP/s (`PEAK_BF16`). Custom
+compiled (per-device) step / step time / the device's peak dense bf16 FLOP/s (`DEVICES` in orchestration/plan.py). Custom
 calls (a fused cuDNN attention) are not in XLA's FLOP count, so MFU then reads low, not high.
 
 FID-50k: DiT-B/2 sampling at 1 and 4 steps (the spec's guidance scale there), sd-vae-ft-mse decode,
@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from orchestration.plan import device_for_kind
 from shortcut import assembly
 from shortcut.sampling import noise_for, sample_labels
 from shortcut.sharding import Parallel
@@ -39,10 +40,6 @@ from shortcut.spec import load_spec
 from shortcut.train import init_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
-# Peak dense bf16 FLOP/s per device (vendor datasheets, without sparsity). First match wins.
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("B200", 2250e12),
-             ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("TPU v5p", 459e12),
-             ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12), ("TPU v6", 918e12)]
 TARGET_MFU = 0.45  # DiT-B/2 training on an H100/H200
 TARGET_FID_1STEP_S = 90.0  # FID-50k at 1 step with VAE decode, one H100/H200
 TARGET_DEVICES = ("H100", "H200")
@@ -51,7 +48,9 @@ FID_CASE = ("DiT-B/2", "imagenet_ditb_shortcut")
 
 
 def peak_flops(kind: str) -> float | None:
-    return next((f for name, f in PEAK_BF16 if name.lower() in kind.lower()), None)
+    """Peak dense bf16 FLOP/s of a JAX device kind: the planner's table (orchestration/plan.py DEVICES)."""
+    device = device_for_kind(kind)
+    return device.peak_flops if device else None
 
 
 def _smoke_overrides() -> list[str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchestration.cluster import worker_options  # noqa: E402
+from orchestration.execution.cluster import worker_options  # noqa: E402
 from shortcut.spec import ResourcesSpec  # noqa: E402
 
 WORKER_ENV = worker_options(ResourcesSpec(cpus=1))["runtime_env"]["env_vars"]  # what a table1_digits worker gets
@@ -47,7 +47,7 @@ t0 = time.perf_counter()
 import jax; t["jax"] = time.perf_counter() - t0
 import shortcut.data.tfenv; t["tensorflow + tfds"] = time.perf_counter() - t0 - sum(t.values())
 import shortcut.run; t["shortcut.run (flax, optax, orbax, ...)"] = time.perf_counter() - t0 - sum(t.values())
-import orchestration.worker, orchestration.tracking; t["orchestration"] = time.perf_counter() - t0 - sum(t.values())
+import orchestration.execution.worker, orchestration.tracking.tracker; t["orchestration"] = time.perf_counter() - t0 - sum(t.values())
 import mlflow; t["mlflow"] = time.perf_counter() - t0 - sum(t.values())
 print(json.dumps(t))
 """

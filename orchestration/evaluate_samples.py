@@ -35,14 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the scores with their provenance to this file")
     args = p.parse_args(argv)
 
-    from shortcut.evaluate import EvaluationSetupError
-    from shortcut.evaluation import InceptionWeightsError
+    from shortcut.errors import ShortcutError
     from shortcut.sample_files import SampleFileError
 
     try:
         entry = evaluate_file(args.file, args.reference, weights=args.inception_weights,
                               verify=not args.unverified_weights, batch_size=args.batch_size)
-    except (SampleFileError, EvaluationSetupError, InceptionWeightsError, ValueError) as e:
+    except (ShortcutError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0] if isinstance(e, SampleFileError) else e}", file=sys.stderr)
         return 2
     print(f"{entry['metric']} = {entry['value']:.4f} ({entry['num_samples']} samples of {args.file})")

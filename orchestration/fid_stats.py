@@ -26,18 +26,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="also store the noise floor at N samples (the spec's eval.num_samples always)")
     args = p.parse_args(argv)
 
-    from shortcut.spec import SpecError, load_spec
+    from shortcut.errors import ShortcutError
+    from shortcut.spec import load_spec
 
     try:
         spec = load_spec(args.name, args.overrides)
-    except SpecError as e:
+    except ShortcutError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     from pathlib import Path
 
     from shortcut import data as data_lib
     from shortcut.evaluate import default_reference_path
-    from shortcut.evaluation import InceptionFeatureNet, InceptionWeightsError, compute_reference_stats
+    from shortcut.evaluation import InceptionFeatureNet, compute_reference_stats
     from shortcut.evaluation.inception_weights import STANDARD
     from shortcut.evaluation.sample_metrics import PR_MAX_SAMPLES
 
@@ -46,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = data_lib.check_dataset(d.dataset, split=d.split, data_dir=d.data_dir, image_size=d.image_size)
         net = InceptionFeatureNet.load(ev.inception_weights, expected_sha256=STANDARD if ev.verify_inception else None)
-    except (data_lib.DatasetNotReadyError, InceptionWeightsError) as e:
+    except ShortcutError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     batches = (b["image"] for b in data_lib.iterate_split(d.dataset, batch_size=args.batch_size, split=d.split,
                                                          data_dir=d.data_dir, image_size=d.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)

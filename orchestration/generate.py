@@ -22,10 +22,12 @@ import json
 import sys
 from pathlib import Path
 
+from shortcut.errors import ShortcutError
+
 GRID_MIN_SIZE = 512  # pixels: a 10x10 grid of 8x8 digits is upscaled 6x
 
 
-class GenerateError(RuntimeError):
+class GenerateError(ShortcutError, RuntimeError):
     """A user mistake or a run that cannot be sampled; the message says which."""
 
 
@@ -50,12 +52,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from shortcut.spec import SpecError
 
     try:
         for path in generate(args):
             print(f"wrote {path}")
-    except (GenerateError, SpecError) as e:
+    except ShortcutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -130,8 +131,9 @@ def load_run(rundir: Path, steps, cfg: float | None, params: str | None):
     if record is None or "spec" not in record:
         raise GenerateError(f"{rundir}/run.json is missing or unreadable")
     tree = json.loads(json.dumps(record["spec"]))
+    tree.setdefault("smoke", bool(record.get("smoke")))  # records made before `smoke` was a spec field
     ev = tree.setdefault("eval", {})
-    old = validate(json.loads(json.dumps(record["spec"])), {}, default_source=str(rundir / "run.json")).eval
+    old = validate(json.loads(json.dumps(tree)), {}, default_source=str(rundir / "run.json")).eval
 
     def scale(n: int) -> float:
         if cfg is not None:
@@ -220,7 +222,7 @@ def _model(spec, record: dict, rundir: Path):
     if record.get("status") != "finished":
         print(f"note: {rundir} is {record.get('status')}; sampling its latest checkpoint (step {step})",
               file=sys.stderr)
-    parts = assembly.build(spec, smoke=bool(record.get("smoke")))
+    parts = assembly.build(spec)
     return params, step, parts.sampler, parts.codec.decode if parts.codec else None
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from shortcut.errors import ShortcutError
+
 # (official module path, this project's), "{i}" a block index. Per block and in the final layer the
 # official names are flax's automatic ones, in creation order: a block's Dense_1 is its key
 # projection, Dense_2 its query, Dense_3 its value (official model.py, DiTBlock).
@@ -56,7 +58,7 @@ UNUSED, UNUSED_SHAPE = "Embed_0/embedding", (256, 1)
 _SAFE_MODULES = ("numpy", "jax", "jaxlib", "optax", "flax", "ml_collections", "collections")
 
 
-class ImportMismatch(ValueError):
+class ImportMismatch(ShortcutError, ValueError):
     """The checkpoint does not fit the spec (or is not an official checkpoint); the message says where."""
 
 
@@ -296,13 +298,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from shortcut.run_lock import RunLocked
-    from shortcut.spec import SpecError, load_spec
+    from shortcut.spec import load_spec
 
     try:
         spec = load_spec(args.spec, args.overrides)
         import_checkpoint(args.checkpoint, spec, args.workdir)
-    except (SpecError, ImportMismatch, RunLocked) as e:
+    except ShortcutError as e:
         print(f"import_checkpoint: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shortcut import record
+from shortcut.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MFU = 0.4
 FID_SAMPLES = 50_000
 
 
-class PlanError(RuntimeError):
+class PlanError(InputError, RuntimeError):
     """A plan cannot be made (unknown topology, libtpu missing, ...); the message says what to do."""
 
 
@@ -52,25 +53,45 @@ class Device:
     peak_flops: float | None
     memory_bytes: float | None
     source: str
+    kinds: tuple[str, ...] = ()  # substrings of JAX's `device_kind` that name this device (device_for_kind)
 
 
 GiB = 2**30
+_GPU = "vendor datasheet, dense (no sparsity); memory not listed: GPU topologies are not planned"
 # Per JAX device (a TPU v3 core; a v4 / v5p chip, whose two cores JAX drives as one "megacore" device; a
-# v5e / v6e chip). The one table of peaks the planner uses.
+# v5e / v6e chip; a GPU). The one table of device peaks: the planner's, and the accelerator benchmark's MFU.
+# Order matters for device_for_kind: the first row naming a kind wins ("H100 PCIe" before "H100").
 DEVICES: dict[str, Device] = {
     "tpu-v3": Device("TPU v3 core", 123e12 / 2, 16 * GiB,
-                     "cloud.google.com/tpu/docs/v3: 123 TFLOP/s bf16 and 32 GiB HBM per chip of 2 cores"),
+                     "cloud.google.com/tpu/docs/v3: 123 TFLOP/s bf16 and 32 GiB HBM per chip of 2 cores", ("TPU v3",)),
     "tpu-v4": Device("TPU v4 chip (megacore)", 275e12, 32 * GiB,
-                     "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM per chip"),
+                     "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM per chip", ("TPU v4",)),
     "tpu-v5e": Device("TPU v5e chip", 197e12, 16 * GiB,
-                      "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM per chip"),
+                      "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM per chip",
+                      ("TPU v5 lite", "TPU v5e")),
     "tpu-v5p": Device("TPU v5p chip (megacore)", 459e12, 95 * GiB,
-                      "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM per chip"),
+                      "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM per chip",
+                      ("TPU v5p", "TPU v5")),
     "tpu-v6e": Device("TPU v6e chip", 918e12, 32 * GiB,
-                      "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GiB HBM per chip"),
+                      "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GiB HBM per chip", ("TPU v6",)),
+    "gpu-h100-pcie": Device("NVIDIA H100 PCIe", 756e12, None, _GPU, ("H100 PCIe",)),
+    "gpu-h100": Device("NVIDIA H100 SXM", 989e12, None, _GPU, ("H100",)),
+    "gpu-h200": Device("NVIDIA H200", 989e12, None, _GPU, ("H200",)),
+    "gpu-h800": Device("NVIDIA H800", 989e12, None, _GPU, ("H800",)),
+    "gpu-b200": Device("NVIDIA B200", 2250e12, None, _GPU, ("B200",)),
+    "gpu-a100": Device("NVIDIA A100", 312e12, None, _GPU, ("A100",)),
+    "gpu-l40s": Device("NVIDIA L40S", 362e12, None, _GPU, ("L40S",)),
+    "gpu-l4": Device("NVIDIA L4", 121e12, None, _GPU, ("L4",)),
+    "gpu-a10": Device("NVIDIA A10", 125e12, None, _GPU, ("A10",)),
     "cpu": Device("host CPU device", None, None,
                   "no peak: a CPU estimate; memory is this host's MemAvailable shared by the fake devices"),
 }
+
+
+def device_for_kind(kind: str) -> Device | None:
+    """The DEVICES row of a JAX `device_kind` (e.g. "NVIDIA H100 80GB HBM3", "TPU v4"), None when unknown."""
+    return next((d for d in DEVICES.values()
+                 if any(re.search(rf"\b{re.escape(k)}\b", kind, re.IGNORECASE) for k in d.kinds)), None)
 
 # slice name -> (libtpu topology name, chip config, device kind); single-host slices (one process compiles).
 TPU_SLICES: dict[str, tuple[str, str, str]] = {

@@ -6,16 +6,16 @@
 --plan compiles the spec's train step for a TPU slice or N fake CPU devices without running it and reports
 memory per device, FLOPs and projected times (orchestration/plan.py, docs/planning.md).
 
-NAME is an experiment spec or a table spec (experiments/table1_*.yaml, orchestration/graph.py).
-Execution (orchestration/cluster.py): by default on a local Ray instance sized to this machine; with
+NAME is an experiment spec or a table spec (experiments/table1_*.yaml, orchestration/execution/graph.py).
+Execution (orchestration/execution/cluster.py): by default on a local Ray instance sized to this machine; with
 --address (or $RAY_ADDRESS) a dashboard URL `http://host:8265` submits a Ray job to that cluster
-(orchestration/jobs.py), a GCS address `host:6379` joins it as a driver; --in-process runs in this
+(orchestration/execution/jobs.py), a GCS address `host:6379` joins it as a driver; --in-process runs in this
 process without Ray (for debugging).
 
-Tracking (orchestration/tracking.py): MLflow through --tracking-uri, else $MLFLOW_TRACKING_URI, else the
+Tracking (orchestration/tracking/): MLflow through --tracking-uri, else $MLFLOW_TRACKING_URI, else the
 framework's local server for the work directory (started on 127.0.0.1 when needed, stopped when no run
 has used it for a minute, unless --keep-tracking-server). A finished run (not --smoke) is exported into
-results/runs/ (orchestration/results.py) for make_tables.
+results/runs/ (orchestration/reporting/results.py) for make_tables.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from shortcut.spec import SpecError, list_specs, list_tables, load_spec, to_yaml
+from shortcut.errors import ShortcutError
+from shortcut.spec import list_specs, list_tables, load_spec, to_yaml
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(list_specs() + [f"{n}  (table)" for n in list_tables()]))
         return 0
     if args.stop_tracking_server:
-        from orchestration.tracking import LocalServer
+        from orchestration.tracking.server import LocalServer
 
         stopped = LocalServer.for_workdir(args.workdir or "runs").stop()
         print("tracking server stopped" if stopped else "no tracking server was running")
@@ -99,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("a spec name is required (see --list)")
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
-        from orchestration import jobs
-        from orchestration.graph import is_table
+        from orchestration.execution import jobs
+        from orchestration.execution.graph import is_table
 
         table = is_table(args.name)
-        spec = None if table else load_spec(args.name, args.overrides)
+        spec = None if table else load_spec(args.name, args.overrides, smoke=args.smoke)
         if args.print_spec:
             return _print(args, spec)
         if args.plan:
@@ -117,15 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if table:
             return _run_table(args, address)
         return _run_one(args, spec, address)
-    except SpecError as e:
+    except ShortcutError as e:  # one line; exit 2 when the input was rejected before anything was written
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except input_errors() as e:  # the spec cannot fit its devices, or a plan cannot be made: nothing was written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except known_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and a rerun resumes from it", file=sys.stderr)
         return 130
@@ -134,35 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def input_errors() -> tuple[type[BaseException], ...]:
-    """Errors about what was asked, found before anything is written (exit 2, like a spec error)."""
-    from orchestration.plan import PlanError
-    from shortcut.memory import MemoryPlanError
-
-    return (MemoryPlanError, PlanError)
-
-
-def known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that end a run with their one-line message (exit 1), not a traceback."""
-    from orchestration.cluster import ResourcesError
-    from orchestration.jobs import JobSubmissionError
-    from shortcut.checkpoint import CheckpointError
-    from shortcut.data import DatasetNotReadyError
-    from shortcut.evaluate import EvaluationSetupError
-    from shortcut.evaluation import InceptionWeightsError
-    from shortcut.run import UnsupportedError
-    from shortcut.run_lock import RunLocked
-    from shortcut.stages import TeacherError
-    from shortcut.train import NonFiniteLossError
-    from shortcut.vae import VAEWeightsError
-
-    return (CheckpointError, DatasetNotReadyError, UnsupportedError, NonFiniteLossError, EvaluationSetupError,
-            InceptionWeightsError, TeacherError, ResourcesError, JobSubmissionError, VAEWeightsError, RunLocked)
-
-
 def _print(args, spec) -> int:
     if spec is None:
-        from orchestration.graph import build, load_table
+        from orchestration.execution.graph import build, load_table
 
         table = load_table(args.name)
         nodes = build(table, tuple(args.overrides), smoke=args.smoke)
@@ -208,14 +177,14 @@ def _without_address(argv: list[str]) -> list[str]:
 
 
 def _launch_kwargs(args, workdir: str) -> dict:
-    from orchestration.results import default_results_dir
+    from orchestration.reporting.results import default_results_dir
 
     results = Path(args.results_dir) if args.results_dir else default_results_dir()
-    from orchestration.worker import Tracking
+    from orchestration.execution.worker import Tracking
 
     tracking = Tracking.from_flags(no_tracking=args.no_tracking, uri=args.tracking_uri,
                                    keep_server=args.keep_tracking_server)
-    return {"workdir": workdir, "smoke": args.smoke, "eval_only": args.eval_only, "tracking": tracking,
+    return {"workdir": workdir, "eval_only": args.eval_only, "tracking": tracking,
             "results_dir": str(results.expanduser().resolve()), "on_locked": "wait" if args.wait else "fail"}
 
 
@@ -228,15 +197,13 @@ def _run_one(args, spec, address: str | None) -> int:
     kwargs = _launch_kwargs(args, workdir)
     connected = False
     if not args.in_process:  # before starting Ray: a run directory in use is one line, at once
-        from shortcut.spec import smoke_version
-
-        _fail_if_locked(args, smoke_version(spec) if args.smoke else spec, workdir)
-    for step in [*_missing_teachers(spec, args.smoke, workdir), spec]:
+        _fail_if_locked(args, spec, workdir)
+    for step in [*_missing_teachers(spec, workdir), spec]:
         if step is not spec:
             print(f"{spec.name}: its teacher {step.name} has no finished run in {workdir}; running it first",
                   file=sys.stderr)
         if not args.in_process and not connected:
-            from orchestration import cluster
+            from orchestration.execution import cluster
 
             resources_now = cluster.connect(address, num_cpus=args.cpus)
             connected = True
@@ -249,43 +216,38 @@ def _run_one(args, spec, address: str | None) -> int:
     return 0
 
 
-def _missing_teachers(spec, smoke: bool, workdir: str) -> list:
+def _missing_teachers(spec, workdir: str) -> list:
     """The spec's chain of teachers without a finished run in `workdir`, the farthest first."""
     from shortcut import record
-    from shortcut.spec import smoke_version
 
     chain, s = [], spec
     while s.teacher is not None:
         s = s.teacher_spec()
-        effective = smoke_version(s) if smoke else s
-        if not record.finished(record.read(record.run_dir(effective, workdir)), effective.hash()):
+        if not record.finished(record.read(record.run_dir(s, workdir)), s.hash()):
             chain.append(s)
     return chain[::-1]
 
 
-def _fail_if_locked(args, effective, workdir: str) -> None:
+def _fail_if_locked(args, spec, workdir: str) -> None:
     """RunLocked (one line, exit 1) if another process holds this spec's run directory, unless --wait."""
     from shortcut import run_lock
     from shortcut.record import run_dir
 
-    holder = None if args.wait else run_lock.holder(run_dir(effective, workdir))
+    holder = None if args.wait else run_lock.holder(run_dir(spec, workdir))
     if holder is not None:
-        raise run_lock.RunLocked(run_dir(effective, workdir), holder)
+        raise run_lock.RunLocked(run_dir(spec, workdir), holder)
 
 
 def _launch(args, spec, kwargs: dict, resources_now, address: str | None) -> dict:
     """Run one spec in this process or as a Ray task, and return the worker's result."""
-    from orchestration import cluster, worker
+    from orchestration.execution import cluster, worker
 
     if args.in_process:
         return worker.execute(spec.model_dump(mode="json"), **kwargs)
     import ray
 
-    from shortcut.spec import smoke_version
-
-    effective = smoke_version(spec) if args.smoke else spec
-    _fail_if_locked(args, effective, kwargs["workdir"])  # now, not in the worker (it would find it locked too)
-    resources = effective.resources
+    _fail_if_locked(args, spec, kwargs["workdir"])  # now, not in the worker (it would find it locked too)
+    resources = spec.resources
     warning = cluster.check_feasible(resources, resources_now, spec.name, local=not address)
     if warning:
         print(warning, file=sys.stderr)
@@ -297,7 +259,10 @@ def _launch(args, spec, kwargs: dict, resources_now, address: str | None) -> dic
         cluster.cancel([ref])
         raise
     except ray.exceptions.RayError as e:
-        raise cluster.cause(e) from None
+        from orchestration.execution.killed import killed
+        from shortcut.record import run_dir
+
+        raise killed(e, run_dir(spec, kwargs["workdir"])) or cluster.cause(e) from None
     finally:
         cluster.release(ref)
 
@@ -305,7 +270,8 @@ def _launch(args, spec, kwargs: dict, resources_now, address: str | None) -> dic
 def _run_table(args, address: str | None) -> int:
     import time
 
-    from orchestration import cluster, graph, make_tables
+    from orchestration import make_tables
+    from orchestration.execution import cluster, graph
     from shortcut.record import run_dir
 
     table = graph.load_table(args.name)

@@ -1,7 +1,7 @@
 """`sweep NAME [--set KEY=VALUE ...] [--num-samples N] [--max-concurrent N] [--resume] [--workdir DIR]`.
 
 Ray Tune over a spec's `sweep:` section (shortcut/spec.py, SweepSpec): each trial is the spec with the
-sampled values set, run by orchestration.worker.execute in its own run directory (the values change
+sampled values set, run by orchestration.execution.worker.execute in its own run directory (the values change
 the spec hash). A trial reports its metrics at every evaluation (`eval.every` steps and the end) with
 its Orbax checkpoint of that step, so the ASHA scheduler can stop the weaker trials early and a trial
 whose worker dies is retried from its last checkpoint (`sweep.max_failures`). The sweep's state lives
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from shortcut.errors import ShortcutError
 from shortcut.spec import Spec, SpecError, load_spec, parse_value, spec_path, validate
 
 STATE_FILE = "shortcut_sweep.json"  # beside Tune's own state: the parent MLflow run, the resolved spec
@@ -77,7 +78,7 @@ def check_space(spec: Spec) -> None:
 
 
 class TuneReporter:
-    """Run hooks (orchestration.worker.Hooks) that report each evaluation to Tune with the checkpoint of
+    """Run hooks (orchestration.execution.worker.Hooks) that report each evaluation to Tune with the checkpoint of
     that step, and turn the scheduler's decision to stop the trial into StopTraining."""
 
     def __init__(self):
@@ -133,16 +134,14 @@ def trial(config: dict, *, base_tree: dict, launch_kwargs: dict, parent_run_id: 
 
     from ray import tune
 
-    from orchestration.worker import execute
+    from orchestration.execution.worker import execute
     from shortcut.record import run_dir
-    from shortcut.spec import smoke_version
     from shortcut.run_lock import RunLock
 
     tree = with_values(base_tree, config)
     spec = validate(tree, {}, default_source=f"{base_tree['name']} trial")
-    effective = smoke_version(spec) if launch_kwargs.get("smoke") else spec
     # only into a run directory no other process writes (e.g. this trial's earlier attempt, still alive)
-    with RunLock(run_dir(effective, launch_kwargs["workdir"])).acquire(wait=True) as lock:
+    with RunLock(run_dir(spec, launch_kwargs["workdir"])).acquire(wait=True) as lock:
         resumed_at = restore_checkpoint(lock.rundir)
     if resumed_at is not None:
         print(f"trial {tune.get_context().get_trial_id()}: resuming from its checkpoint at step {resumed_at}")
@@ -166,7 +165,7 @@ def _client(workdir: Path, tracking):
         return None, lambda: None
     from mlflow.tracking import MlflowClient
 
-    from orchestration.tracking import LocalServer, healthy
+    from orchestration.tracking.server import LocalServer, healthy
 
     if tracking.uri:
         return (MlflowClient(tracking.uri) if healthy(tracking.uri) else None), lambda: None
@@ -179,15 +178,16 @@ def _client(workdir: Path, tracking):
     return MlflowClient(uri), server.release
 
 
-def _parent_run(client, state: dict, spec: Spec, smoke: bool) -> str | None:
-    from orchestration.tracking import experiment_name, get_or_create_experiment
+def _parent_run(client, state: dict, spec: Spec) -> str | None:
+    from orchestration.tracking.naming import experiment_name
+    from orchestration.tracking.sync import get_or_create_experiment
 
     if client is None:
         return state.get("parent_run_id")
     if state.get("parent_run_id"):
         client.update_run(state["parent_run_id"], status="RUNNING")
         return state["parent_run_id"]
-    exp = get_or_create_experiment(client, experiment_name({"spec": spec.model_dump(mode="json"), "smoke": smoke}))
+    exp = get_or_create_experiment(client, experiment_name({"spec": spec.model_dump(mode="json"), "smoke": spec.smoke}))
     run = client.create_run(exp, run_name=f"sweep-{spec.name}", tags={"sweep": spec.name, "kind": "sweep",
                                                                        "metric": metric_of(spec)})
     for key, dist in spec.sweep.space.items():
@@ -208,8 +208,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from orchestration import cluster
-    from shortcut.spec import smoke_version
+    from orchestration.execution import cluster
 
     sweep_dir = workdir / "sweeps" / spec.name
     state_path = sweep_dir / STATE_FILE
@@ -225,7 +224,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
         raise SpecError(spec.name, "", f"a sweep already exists in {sweep_dir}: continue it with --resume, "
                                        "or remove that folder to start over")
 
-    resources = (smoke_version(spec) if launch_kwargs.get("smoke") else spec).resources
+    resources = spec.resources
     runtime_env = cluster.worker_options(resources)["runtime_env"]
     started_ray = not ray.is_initialized()
     available = cluster.connect(address, num_cpus=cpus, runtime_env=runtime_env)
@@ -235,7 +234,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
 
     client, release = _client(workdir, launch_kwargs["tracking"])
     try:
-        parent = _parent_run(client, state, spec, launch_kwargs.get("smoke", False))
+        parent = _parent_run(client, state, spec)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state.update(parent_run_id=parent, spec=spec.model_dump(mode="json"), overrides=list(overrides), metric=metric)
         state_path.write_text(json.dumps(state, indent=2))
@@ -349,25 +348,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", help="where the best spec goes (default: $SHORTCUT_RESULTS_DIR, else results/)")
     args = p.parse_args(argv)
 
-    from orchestration.results import default_results_dir
-    from orchestration.worker import Tracking
+    from orchestration.reporting.results import default_results_dir
+    from orchestration.execution.worker import Tracking
 
     try:
-        spec = load_spec(args.name, args.overrides)
+        spec = load_spec(args.name, args.overrides, smoke=args.smoke)
         if spec.sweep is None:
             raise SpecError(spec.name, "sweep", "this spec declares no sweep: section (a search space)")
         workdir = Path(args.workdir or spec.output.workdir).expanduser().resolve()
         results_dir = (Path(args.results_dir) if args.results_dir else default_results_dir()).expanduser().resolve()
         tracking = Tracking.from_flags(no_tracking=args.no_tracking, uri=args.tracking_uri)
-        launch_kwargs = {"workdir": str(workdir), "smoke": args.smoke, "tracking": tracking,
+        launch_kwargs = {"workdir": str(workdir), "tracking": tracking,
                          "results_dir": str(results_dir)}
         summary = run_sweep(spec, workdir=workdir, launch_kwargs=launch_kwargs, resume=args.resume,
                             overrides=tuple(args.overrides),
                             num_samples=args.num_samples, max_concurrent=args.max_concurrent, address=args.address,
                             cpus=args.cpus, results_dir=results_dir)
-    except SpecError as e:
+    except ShortcutError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; continue with: sweep NAME --resume", file=sys.stderr)
         return 130

@@ -24,7 +24,6 @@ class Parts:
     objective: Any  # the method's Objective
     optimizer: Any  # optax GradientTransformation (AdamW, optional clipping)
     sampler: Callable  # sampler(params, noise, labels, num_steps=, cfg_scale=) -> samples
-    smoke: bool = False
 
     @functools.cached_property
     def codec(self):
@@ -35,13 +34,13 @@ class Parts:
             return None
         from shortcut.vae import LatentCodec
 
-        return LatentCodec.from_spec(lat, self.smoke, batch_size=lat.batch_size, seed=self.spec.seed, path=lat.weights)
+        return LatentCodec.from_spec(lat, self.spec.smoke, batch_size=lat.batch_size, seed=self.spec.seed,
+                                     path=lat.weights)
 
 
-def build(spec: Spec, *, smoke: bool = False) -> Parts:
-    """The parts of a run of `spec` (already in its --smoke form when `smoke`; it only picks the codec)."""
+def build(spec: Spec) -> Parts:
+    """The parts of a run of `spec`."""
     model = build_model(spec)
     apply_fn = make_apply_fn(model)
     objective = methods.make_objective(spec)
-    return Parts(spec, model, apply_fn, objective, make_optimizer(spec.optimizer), make_sampler(objective, apply_fn),
-                 smoke)
+    return Parts(spec, model, apply_fn, objective, make_optimizer(spec.optimizer), make_sampler(objective, apply_fn))

@@ -17,11 +17,13 @@ from typing import Any, Callable, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from shortcut.errors import ShortcutError
+
 T = TypeVar("T")
 UNREADABLE_DIR = "checkpoints_unreadable"  # beside checkpoints/: where resuming moves the unreadable steps it replaces
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ShortcutError, RuntimeError):
     """No checkpoint of a run can be read; the message (one line) names the directories to remove."""
 
 

@@ -25,12 +25,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shortcut.errors import ShortcutError
 from shortcut.images import save_grid
 from shortcut.sampling import sample_range
 from shortcut.spec import Spec
 
 
-class EvaluationSetupError(RuntimeError):
+class EvaluationSetupError(ShortcutError, RuntimeError):
     """Something the metric needs is missing; the message says what and how to provide it."""
 
 

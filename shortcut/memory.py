@@ -25,11 +25,12 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
+from shortcut.errors import InputError
 from shortcut.sharding import Parallel
 from shortcut.spec import Spec
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(InputError, RuntimeError):
     """A spec cannot fit the devices it would run on; the one-line message gives both figures and the remedy."""
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 
 RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED = "running", "finished", "failed", "interrupted", "stopped"
-STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED)
+KILLED = "killed"  # its process died without an exception; written by the driver (orchestration/execution/killed.py)
+STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED, KILLED)
 FILE = "run.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +33,12 @@ def jsonable(obj):
 
 
 def write_json(path: str | Path, content: dict, indent: int | None = 2) -> None:
-    """Atomic write of a JSON file: a reader never sees it half written."""
+    """Atomic write of a JSON file (its folder made if needed): a reader never sees it half written, and
+    writers in other processes or threads never share a temporary file."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(content, indent=indent, default=jsonable))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(content, indent=indent, default=jsonable) + "\n")
     os.replace(tmp, path)
 
 

@@ -21,26 +21,27 @@ from clu import parameter_overview
 from shortcut import data as data_lib
 from shortcut import assembly, compute, stages
 from shortcut import record as record_lib
+from shortcut.errors import ShortcutError
 from shortcut.record import run_dir
 from shortcut.checkpoint import Checkpointer, remove_partial_saves
 from shortcut.evaluate import evaluate, load_metric, smoke_metric
 from shortcut.run_lock import RunLock
 from shortcut.sharding import Parallel
-from shortcut.spec import Spec, SpecError, smoke_version
+from shortcut.spec import Spec, SpecError
 from shortcut.train import StopTraining, init_state, make_train_step, restore, train
 
 
 
-class UnsupportedError(RuntimeError):
+class UnsupportedError(ShortcutError, RuntimeError):
     """A spec asks for something this version cannot do; the message says what and why."""
 
 
-def make_data(spec: Spec, smoke: bool, codec=None, rundir: Path | None = None, log=print):
+def make_data(spec: Spec, codec=None, rundir: Path | None = None, log=print):
     """The training iterator (per-process batches), after checking the data matches the spec. With a
     latent spec, batches are latents: encoded on the fly, or sampled from the pre-encoded dataset."""
     per_process = spec.train.batch_size // jax.process_count()
     d = spec.data
-    if smoke:
+    if spec.smoke:
         images = data_lib.make_mock_iterator(image_shape=spec.pixel_shape, num_classes=d.num_classes,
                                              batch_size=per_process, seed=spec.seed)
     else:
@@ -61,7 +62,7 @@ def make_data(spec: Spec, smoke: bool, codec=None, rundir: Path | None = None, l
 
     if d.latent.encoding == "on_the_fly":
         return latents.EncodedIterator(images, codec, seed=spec.seed)
-    if smoke:  # a few batches of mock images stand in for the dataset
+    if spec.smoke:  # a few batches of mock images stand in for the dataset
         directory = rundir / "latents"
         latents.pre_encode(spec, codec, directory, images=[next(images) for _ in range(2)], log=log)
     else:
@@ -77,27 +78,26 @@ def make_data(spec: Spec, smoke: bool, codec=None, rundir: Path | None = None, l
 
 def describe_codec(parts, record: dict):
     """The run's VAE (assembly.Parts.codec: None for pixel specs), described in the run record."""
-    codec, lat, smoke = parts.codec, parts.spec.data.latent, parts.smoke
+    codec, lat = parts.codec, parts.spec.data.latent
     if codec is None:
         return None
     record["latent"] = {"autoencoder": lat.autoencoder, "vae": codec.description,
                         "vae_weights_sha256": codec.weights_sha256, "encoding": lat.encoding, "scale": lat.scale}
-    if smoke:
+    if parts.spec.smoke:
         record["latent"]["note"] = ("--smoke: a randomly initialised reduced-width VAE, not sd-vae-ft-mse; "
                                     "checks encode -> train -> sample -> decode -> evaluate only")
     return codec
 
 
-def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, eval_only: bool = False,
-        log=print, tracker=None, on_locked: str = "fail") -> dict:
+def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = False, log=print, tracker=None,
+        on_locked: str = "fail") -> dict:
     """Train (or with eval_only, load the latest checkpoint) and evaluate one spec; returns the run
     record, which is also written to run.json. An optional `tracker` gets start(record),
     log_metrics(metrics) per training log line, log_evaluation(entries) and end(final record).
     The run holds its run directory's lock (shortcut/run_lock.py) throughout; when another process holds
     it, `on_locked` says what to do: "fail" (RunLocked, nothing written), "wait" (then run), or "record"
-    (wait; if that run finished this spec, return its record instead of running again)."""
-    if smoke:
-        spec = smoke_version(spec)
+    (wait; if that run finished this spec, return its record instead of running again). A --smoke run is
+    the run of a spec in its --smoke form (shortcut.spec.smoke_version)."""
     from shortcut.memory import check_run_fits
 
     check_run_fits(spec)  # MemoryPlanError (one line) before anything is written or allocated
@@ -112,8 +112,8 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
     previous = record_lib.read(rundir)
     record = previous if eval_only and previous else {}
     record.update({
-        "name": spec.name, "spec_hash": spec.hash(), "smoke": smoke, "status": "running",
-        "data": "mock (random) data, for a pipeline check only" if smoke else spec.data.dataset,
+        "name": spec.name, "spec_hash": spec.hash(), "smoke": spec.smoke, "status": "running",
+        "data": "mock (random) data, for a pipeline check only" if spec.smoke else spec.data.dataset,
         **record_lib.git_provenance(), "started": _now(), "run_dir": str(rundir),
         "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
         "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions(),
@@ -126,10 +126,10 @@ def run(spec: Spec, *, workdir: str | Path | None = None, smoke: bool = False, e
         record.update({k: previous[k] for k in ("curve", "compute") if previous.get(k)})
     record.setdefault("curve", [])
     record_lib.write(rundir, record)
-    if tracker is not None:  # e.g. orchestration.tracking.Tracker; its hooks never raise
+    if tracker is not None:  # e.g. orchestration.tracking.tracker.Tracker; its hooks never raise
         tracker.start(record)
     try:
-        _run(spec, rundir, smoke, eval_only, record, log, tracker)
+        _run(spec, rundir, eval_only, record, log, tracker)
         record["status"] = "finished"
         return record
     except StopTraining as e:  # a hook (e.g. a sweep's early stopping) ended training on purpose
@@ -171,20 +171,20 @@ def _replay(record: dict, tracker, lock: RunLock) -> dict:
         lock.release()
 
 
-def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, log, tracker=None) -> None:
+def _run(spec: Spec, rundir: Path, eval_only: bool, record: dict, log, tracker=None) -> None:
     t0 = time.perf_counter()
     # fail before training if weights or statistics are missing
-    metric = smoke_metric(spec) if smoke else load_metric(spec)
-    if smoke:
+    metric = smoke_metric(spec) if spec.smoke else load_metric(spec)
+    if spec.smoke:
         record["evaluation_note"] = (metric.note if metric else
                                      "--smoke: mock data has no reference statistics, so no metric")
-    parts = assembly.build(spec, smoke=smoke)
+    parts = assembly.build(spec)
     objective, model, apply_fn, optimizer, sampler = (parts.objective, parts.model, parts.apply_fn, parts.optimizer,
                                                       parts.sampler)
     codec = describe_codec(parts, record)
     parallel = Parallel.create(spec.train.batch_size, spec.resources.sharding)
     # A `teacher:` spec's finished run is found in the same work directory (shortcut/stages.py).
-    teacher = stages.resolve_teacher(spec, rundir.parents[1], smoke=smoke, log=log)
+    teacher = stages.resolve_teacher(spec, rundir.parents[1], log=log)
     if teacher is not None:
         record["teacher"] = teacher.summary()
     teacher_flops = compute.teacher_compute(teacher.run_dir) if teacher is not None else None
@@ -194,7 +194,7 @@ def _run(spec: Spec, rundir: Path, smoke: bool, eval_only: bool, record: dict, l
     data = None
     if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
         data = stages.training_data(spec, objective, teacher, rundir, log=log)
-        data = make_data(spec, smoke, codec, rundir, log) if data is None else data
+        data = make_data(spec, codec, rundir, log) if data is None else data
     state = init_state(spec, model, optimizer, objective, teacher_params=teacher.params if teacher else None)
     state = parallel.place(stages.start_from_teacher(spec, state, objective, teacher))
 

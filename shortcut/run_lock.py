@@ -8,7 +8,7 @@ second run can say who holds the directory. The second run either waits (`run_ex
 stops at once with `RunLocked`, a one-line error; either way, before the lock is its own it writes and
 deletes nothing in the run directory.
 
-Tables and sweeps (orchestration/graph.py, orchestration/sweep.py) treat a locked run directory as a
+Tables and sweeps (orchestration/execution/graph.py, orchestration/sweep.py) treat a locked run directory as a
 run going on elsewhere: they wait for its record instead of starting a second writer.
 
 Limits: flock works between processes of one host, and across hosts on NFS (Linux maps it onto NFS
@@ -30,13 +30,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from shortcut.errors import ShortcutError
+
 LOCK_FILE = ".lock"
 # A probe (`holder`) holds a shared lock for microseconds, and a new holder needs a moment to write who it
 # is: a run that finds the lock taken and its holder not (yet) named tries again for this long.
 GRACE_S = 2.0
 
 
-class RunLocked(RuntimeError):
+class RunLocked(ShortcutError, RuntimeError):
     """Another process holds the run directory; the message (one line) names it and says what to do."""
 
     def __init__(self, rundir: Path, holder: dict | None):

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from shortcut.errors import ShortcutError
 from shortcut.images import to_uint8
 
 
-class SampleFileError(ValueError):
+class SampleFileError(ShortcutError, ValueError):
     """A sample file that is not in the expected layout; the message says what is wrong."""
 
 

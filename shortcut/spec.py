@@ -7,7 +7,11 @@ merged first, the file's own keys win, then `--set key=value` overrides. Every e
 The spec hash identifies *what is trained* (seed, data, model, method, optimizer, train): two
 resolved specs with the same hash train the same model, whatever their names, evaluation settings
 or output locations. It keys the work directory, so a rerun resumes and a changed spec starts fresh.
-A spec with a `teacher` (another spec, trained first) also hashes the teacher's own hash.
+A spec with a `teacher` (another spec, trained first) also hashes the teacher's own hash: the loader
+(`load_spec`, `validate`) resolves the teacher's spec when it makes a Spec, so hashing reads no file.
+
+`--smoke` is one transform of the spec (`smoke_version`: a tiny model, a few steps, `smoke: true`), applied
+once where a spec is loaded; everything below reads `spec.smoke` (mock data, stand-in weights).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any, Literal, NamedTuple
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
 from shortcut import methods
+from shortcut.errors import InputError
 from shortcut.methods import KeyedValueError
 
 EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
@@ -33,11 +38,12 @@ HASHED_SECTIONS = ("seed", "data", "model", "method", "optimizer", "train")
 LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
 # Keys added after runs were recorded, hashed only away from the value all earlier runs had, so that
 # adding a key keeps the hash (and run directory) of every existing spec.
+MAX_TEACHER_CHAIN = 16  # a longer chain of teachers is taken for a cycle
 KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_levels"): "even",
                         ("method", "sample_level"): "step_size", ("data", "heldout_split"): None}
 
 
-class SpecError(Exception):
+class SpecError(InputError):
     """A spec problem, reported as one line: `<file>: <key>: <what was expected>`."""
 
     def __init__(self, source: str, key: str, message: str):
@@ -90,7 +96,7 @@ class DataSpec(_Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        from shortcut.data.names import unknown_dataset
+        from shortcut.data.sources import unknown_dataset
 
         message = unknown_dataset(name)
         if message:
@@ -240,7 +246,7 @@ class EvalSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    """What one run asks of Ray (orchestration/cluster.py): `hosts` workers, one per host, each with
+    """What one run asks of Ray (orchestration/execution/cluster.py): `hosts` workers, one per host, each with
     `cpus` CPUs and `gpus` GPUs or `tpus` TPU chips. A fractional `gpus` (< 1) shares a device."""
 
     cpus: float = Field(default=1, gt=0, description="CPUs per worker")
@@ -323,6 +329,9 @@ class Spec(_Section):
     teacher: str | None = Field(default=None, description="spec whose finished run this one starts from "
                                 "(distillation, reflow); resolved or trained first by shortcut/stages.py")
     teacher_overrides: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides applied to the teacher spec")
+    smoke: bool = Field(default=False, description="set by --smoke (smoke_version), not by hand: mock data and "
+                        "stand-in weights for a pipeline check; hashed only when true")
+    _teacher: "Spec | None" = PrivateAttr(default=None)  # resolved by the loader (validate)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -374,21 +383,17 @@ class Spec(_Section):
         for (section, key), earlier in KEYS_HASHED_WHEN_SET.items():
             if content[section].get(key) == earlier:
                 del content[section][key]
+        if self.smoke:
+            content["smoke"] = True
         if self.teacher is not None:
             content["teacher"] = self.teacher_spec().hash()
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def teacher_spec(self) -> "Spec | None":
-        """The teacher's spec (with `teacher_overrides`), or None; a cycle of teachers is a SpecError."""
-        if self.teacher is None:
-            return None
-        chain, spec = [self.name], self
-        while spec.teacher is not None:
-            spec = load_spec(spec.teacher, spec.teacher_overrides)
-            if spec.name in chain:
-                raise SpecError(self.name, "teacher", "cycle of teachers: " + " -> ".join(chain + [spec.name]))
-            chain.append(spec.name)
-        return load_spec(self.teacher, self.teacher_overrides)
+        """The teacher's spec (with `teacher_overrides`; its --smoke version for a --smoke spec), or None."""
+        if self.teacher is not None and self._teacher is None:
+            raise SpecError(self.name, "teacher", "not resolved: make specs with load_spec or validate")
+        return self._teacher
 
 
 # ---------------------------------------------------------------- YAML loading
@@ -416,7 +421,7 @@ def parse_value(text: str) -> Any:
 
 
 def is_table_file(path: Path) -> bool:
-    """A table spec lists `experiments:` (orchestration/graph.py) instead of describing one run."""
+    """A table spec lists `experiments:` (orchestration/execution/graph.py) instead of describing one run."""
     try:
         raw = yaml.load(Path(path).read_text(), Loader=_Loader)
     except (OSError, yaml.YAMLError, *_YAML_VALUE_ERRORS):
@@ -538,8 +543,10 @@ def _apply_override(tree: dict, override: str, origin: dict) -> None:
     origin[key.strip()] = source
 
 
-def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path = EXPERIMENTS_DIR) -> Spec:
-    """Load, merge, override and validate a spec by name (experiments/NAME.yaml) or path."""
+def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path = EXPERIMENTS_DIR, *,
+              smoke: bool = False, _chain: tuple[str, ...] = ()) -> Spec:
+    """Load, merge, override and validate a spec by name (experiments/NAME.yaml) or path; with `smoke`, its
+    --smoke version (smoke_version)."""
     path = spec_path(name, root)
     if is_table_file(path):
         raise SpecError(_display(path), "experiments", "this is a table spec (a list of experiments), not one "
@@ -549,17 +556,19 @@ def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path
     for override in overrides:
         _apply_override(tree, override, origin)
     tree.setdefault("name", path.stem)
-    return validate(tree, origin, default_source=_display(path))
+    spec = validate(tree, origin, default_source=_display(path), _chain=_chain)
+    return smoke_version(spec) if smoke else spec
 
 
 # parts of a pydantic error location that name a union member or validator, not a key: `float`, `tuple[...]`
 _UNION_TAG = re.compile(r"^(function-.*|float|int|str|bool|none|\w+\[.*\])$")
 
 
-def validate(tree: dict, origin: dict[str, str], default_source: str) -> Spec:
-    """Validate a merged tree; errors name the file (or override) that set the offending key."""
+def validate(tree: dict, origin: dict[str, str], default_source: str, *, _chain: tuple[str, ...] = ()) -> Spec:
+    """Validate a merged tree into a Spec with its teacher's spec resolved; errors name the file (or
+    override) that set the offending key."""
     try:
-        return Spec.model_validate(tree)
+        spec = Spec.model_validate(tree)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"] if not _UNION_TAG.match(str(p)))
@@ -569,6 +578,13 @@ def validate(tree: dict, origin: dict[str, str], default_source: str) -> Spec:
         else:
             message = _describe(err)
         raise SpecError(_source_of(key, origin, default_source), key, message) from None
+    if spec.teacher is not None:
+        chain = (*_chain, spec.name)
+        teacher = Path(spec.teacher).stem
+        if teacher in chain or len(chain) > MAX_TEACHER_CHAIN:  # names may differ from file names: also a bound
+            raise SpecError(chain[0], "teacher", "cycle of teachers: " + " -> ".join((*chain, teacher)))
+        spec._teacher = load_spec(spec.teacher, spec.teacher_overrides, smoke=spec.smoke, _chain=chain)
+    return spec
 
 
 def _source_of(key: str, origin: dict[str, str], default: str) -> str:
@@ -617,4 +633,5 @@ def smoke_version(spec: Spec) -> Spec:
     if tree["data"].get("latent"):
         tree["data"]["latent"] = dict(tree["data"]["latent"], batch_size=8)
     tree["method"] = methods.objective_class(spec.method.name).smoke_method(tree["method"])  # e.g. fewer reflow pairs
+    tree["smoke"] = True
     return validate(tree, {}, default_source=f"{spec.name} (--smoke)")

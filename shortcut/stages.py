@@ -9,7 +9,7 @@ Running the student (shortcut.run.run) resolves the teacher first, in the same w
   * run.json says "failed": TeacherError, naming the directory and the teacher's error (a failed
     teacher is never retrained silently, with these or any other settings);
   * no run yet, or one that was interrupted or killed: TeacherError. The library never trains a teacher:
-    the graph orders teachers before students (orchestration/graph.py), and `run_experiment STUDENT`
+    the graph orders teachers before students (orchestration/execution/graph.py), and `run_experiment STUDENT`
     runs a missing teacher first as its own run.
 
 The student's hash includes the teacher's hash (Spec.hash), so a different teacher means a different
@@ -36,12 +36,13 @@ import numpy as np
 
 from shortcut import record as record_lib
 from shortcut.data.iterators import pack_state, unpack_state
-from shortcut.spec import Spec, smoke_version
+from shortcut.errors import ShortcutError
+from shortcut.spec import Spec
 
 PAIR_NOISE_STREAM = 0x5EED_0F  # folded into the seed: pair noise never equals evaluation noise
 
 
-class TeacherError(RuntimeError):
+class TeacherError(ShortcutError, RuntimeError):
     """The teacher of a student spec cannot be used (failed, incompatible, or missing where it must exist)."""
 
 
@@ -57,33 +58,32 @@ class Teacher:
                 "step": self.step, "params": "ema"}
 
 
-def resolve_teacher(spec: Spec, workdir: str | Path, *, smoke: bool = False,
-                    log: Callable[[str], None] = print) -> Teacher | None:
+def resolve_teacher(spec: Spec, workdir: str | Path, *, log: Callable[[str], None] = print) -> Teacher | None:
     """The finished teacher of `spec` (None when it has none). The library never trains a teacher: the
-    graph runs it first (orchestration/graph.py; `run_experiment STUDENT` runs missing teachers too)."""
+    graph runs it first (orchestration/execution/graph.py; `run_experiment STUDENT` runs missing teachers too)."""
     if spec.teacher is None:
         return None
-    tspec = spec.teacher_spec()
-    effective = smoke_version(tspec) if smoke else tspec
-    tdir = record_lib.run_dir(effective, workdir)
-    label = f"teacher {tspec.name} [{effective.hash()[:12]}]"
+    tspec = spec.teacher_spec()  # its --smoke version for a --smoke student
+    smoke = " --smoke" if spec.smoke else ""
+    tdir = record_lib.run_dir(tspec, workdir)
+    label = f"teacher {tspec.name} [{tspec.hash()[:12]}]"
     record = record_lib.read(tdir)
     status = record.get("status") if record else None
     if status == "failed":
         raise TeacherError(
             f"{spec.name}: {label} failed in {tdir}: {record.get('error', 'no error recorded')}. Fix the cause and "
-            f"rerun the teacher (run_experiment {tspec.name}{' --smoke' if smoke else ''} with the same "
+            f"rerun the teacher (run_experiment {tspec.name}{smoke} with the same "
             f"overrides; it resumes from its last checkpoint), or delete {tdir} to train it afresh.")
-    if not record_lib.finished(record, effective.hash()):
+    if not record_lib.finished(record, tspec.hash()):
         raise TeacherError(f"{spec.name}: {label} has no finished run in {tdir} (status: {status or 'no run'}); "
-                           f"run it first: run_experiment {tspec.name}{' --smoke' if smoke else ''} with the same "
+                           f"run it first: run_experiment {tspec.name}{smoke} with the same "
                            f"overrides (`run_experiment {spec.name}` runs a missing teacher first by itself)")
     params, step = load_ema_params(tdir / "checkpoints")
-    if step != effective.train.steps:
+    if step != tspec.train.steps:
         raise TeacherError(f"{spec.name}: {label} in {tdir} is marked finished but its latest checkpoint is step "
-                           f"{step}, not its train.steps {effective.train.steps}")
+                           f"{step}, not its train.steps {tspec.train.steps}")
     log(f"{spec.name}: using the finished {label} from {tdir} (step {step}, EMA parameters)")
-    return Teacher(effective, tdir, step, params)
+    return Teacher(tspec, tdir, step, params)
 
 
 def load_ema_params(checkpoint_dir: Path, which: str = "ema_params") -> tuple[Any, int]:

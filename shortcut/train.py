@@ -23,13 +23,14 @@ from tqdm import tqdm
 from shortcut.checkpoint import Checkpointer
 from shortcut.compute import program_flops
 from shortcut.data.prefetch import DevicePrefetcher
+from shortcut.errors import ShortcutError
 from shortcut.model import DiT
 from shortcut.objective import Context, Objective
 from shortcut.sharding import Parallel
 from shortcut.spec import OptimizerSpec, Spec
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ShortcutError, RuntimeError):
     """Training produced a NaN/inf; the last good checkpoint is kept untouched."""
 
 

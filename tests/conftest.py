@@ -8,6 +8,7 @@ inherits $SHORTCUT_TEST_SESSION, which tells them apart from other sessions' and
 
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -21,9 +22,14 @@ _LEFTOVER = re.compile(r"orchestration\.tracking\x00_supervise|mlflow|uvicorn|ra
                        r"default_worker\.py|site-packages/ray/")
 
 
+_RESULTS_DIR: list[str] = []  # the results folder this session made (removed at its end)
+
+
 def pytest_configure(config):
     os.environ.setdefault("SHORTCUT_TRACKING", "off")
-    os.environ.setdefault("SHORTCUT_RESULTS_DIR", tempfile.mkdtemp(prefix="shortcut_test_results_"))
+    if "SHORTCUT_RESULTS_DIR" not in os.environ:
+        _RESULTS_DIR.append(tempfile.mkdtemp(prefix="shortcut_test_results_"))
+        os.environ["SHORTCUT_RESULTS_DIR"] = _RESULTS_DIR[0]
     os.environ.setdefault("SHORTCUT_TRACKING_IDLE_S", "5")
     os.environ[SESSION_VAR] = uuid.uuid4().hex
 
@@ -69,3 +75,8 @@ def no_leftover_processes():
         pytest.fail(f"{len(left)} process(es) started by the tests were still running {grace:.0f}s after the "
                     "last test (now killed): " + "; ".join(f"{pid}: {cmd[:160]}" for pid, cmd in left.items()),
                     pytrace=False)
+
+
+def pytest_unconfigure(config):
+    for folder in _RESULTS_DIR:
+        shutil.rmtree(folder, ignore_errors=True)

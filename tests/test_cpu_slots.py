@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from orchestration import cpu_slots
+from orchestration.execution import cpu_slots
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                                 reason="needs Linux and two cores")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.s
 HOLD = """
 import os, sys, time
 from pathlib import Path
-from orchestration import cpu_slots
+from orchestration.execution import cpu_slots
 cpus = cpu_slots.acquire(1, Path(sys.argv[1]))
 if cpus:
     cpu_slots.pin_process(cpus)

@@ -388,16 +388,19 @@ def test_package_imports_without_tensorflow():
     assert done.returncode == 0, done.stderr
 
 
-def test_every_local_dataset_name_has_its_own_builder(tmp_path):
-    """names.LOCAL_DATASETS (checked without TensorFlow) and catalog's builders name the same datasets."""
-    from shortcut.data.catalog import get_builder, resolve_source
-    from shortcut.data.names import LOCAL_DATASETS, unknown_dataset
+def test_every_row_of_the_sources_table_resolves(tmp_path):
+    """Each dataset of shortcut/data/sources.py: its builder is a TFDS builder of that name (ours, or TFDS's
+    registry), every function a cell names exists, and the name passes spec validation."""
+    from shortcut.data.catalog import get_builder, not_ready_message
+    from shortcut.data.sources import SOURCES, load, unknown_dataset
 
-    for name in LOCAL_DATASETS:
-        source = resolve_source(name)
+    for name, source in SOURCES.items():
         assert unknown_dataset(name) is None
-        if source.tfds_name != name:  # imagenet256: TFDS's imagenet2012 under our name
+        if source.builder:
+            builder = get_builder(source, str(tmp_path))
+            assert builder.name == source.tfds_name and type(builder).__module__.startswith("shortcut.data.")
+        else:  # imagenet256: TFDS's imagenet2012 under our name
             assert source.tfds_name in tfds.list_builders(with_community_datasets=False)
-            continue
-        builder = get_builder(source, str(tmp_path))
-        assert builder.name == name and type(builder).__module__.startswith("shortcut.data.")
+        assert all(callable(load(ref)) for ref in (source.check_files, source.not_ready) if ref)
+        if not source.on_first_use:
+            assert f"prepare {name}" in not_ready_message(source, str(tmp_path))

@@ -28,7 +28,7 @@ def sha256(path: Path) -> str:
 def test_digits_run_reports_fd_digits_with_provenance(tmp_path):
     """Every entry records what it depends on, w and the parameters included. eval.cfg_scale as a mapping
     (4 steps at two scales): one entry per (N, w), distinct metric names and grids."""
-    from orchestration.tracking import evaluation_points
+    from orchestration.tracking.naming import evaluation_points
 
     protocol = TINY + ["eval.every=3", "eval.cfg_scale={128: 1, 4: [1, 2], 1: 1}"]
     spec = load_spec("digits_shortcut", protocol)

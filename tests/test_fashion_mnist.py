@@ -124,12 +124,12 @@ def test_real_fid_is_small_for_the_same_data_and_grows_with_noise_and_blur(featu
 def test_fashion_spec_smoke_run(tmp_path):
     """fashion_shortcut end to end with --smoke: mock 28x28x1 data, tiny model, the FID pipeline with stand-in weights."""
     from shortcut.run import run
-    from shortcut.spec import load_spec
+    from shortcut.spec import load_spec, smoke_version
 
     spec = load_spec("fashion_shortcut")
     assert (spec.data.dataset, spec.data.num_classes, spec.eval.metric) == ("fashion_mnist_local", 10, "fid")
     assert spec.eval.cfg_scale == {128: (1.5, 1.0), 4: 1.0, 1: 1.0}  # guidance distilled: w = 1 at 4 and 1 steps
-    record = run(spec, workdir=tmp_path, smoke=True, log=lambda s: None)
+    record = run(smoke_version(spec), workdir=tmp_path, log=lambda s: None)
     assert record["status"] == "finished"
     assert list(record["samples"]) == [s.samples_key for s in spec.eval.settings()]
     assert sorted((e["num_steps"], e["cfg_scale"]) for e in record["evaluation"]) == [

@@ -1,4 +1,4 @@
-"""The paper's pairwise findings (orchestration/findings.py): read off its CelebA-HQ column, checked per
+"""The paper's pairwise findings (orchestration/reporting/findings.py): read off its CelebA-HQ column, checked per
 seed on synthetic digits runs whose differences are computed by hand below."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestration import findings, make_tables
-from orchestration.results import export_tree, load_paper
+from orchestration import make_tables
+from orchestration.reporting import findings, tables
+from orchestration.reporting.results import export_tree, load_paper
 from tracking_fixtures import make_record, make_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,9 +118,9 @@ def test_hand_computed_intervals_and_seed_counts():
 def test_a_cell_is_converged_when_doubling_the_compute_moves_it_less_than_the_floor():
     # points every 500 steps of 1e9 FLOPs: adjacent points differ by 0.5 or less, the last doubling by 1.5
     curve = [(500 * k * 1e9, v, None) for k, v in zip(range(1, 9), [40.0, 12.0, 7.0, 5.5, 5.0, 4.6, 4.3, 4.0])]
-    row = make_tables.Row("shortcut", "DiT-tiny/2", "Shortcut Models", {}, {}, curves={1: {0: curve, 1: curve}},
+    row = tables.Row("shortcut", "DiT-tiny/2", "Shortcut Models", {}, {}, curves={1: {0: curve, 1: curve}},
                           floors={1: 1.0})
     assert row.converged(1) is False  # 5.5 at half the compute, 4.0 at the end: 1.5 > 1.0
     row.floors[1] = 2.0
     assert row.converged(1) is True
-    assert make_tables.Row("flow_matching", "x", "x", {}, {}, curves={1: {0: curve[:1]}}, floors={1: 1.0}).converged(1) is None
+    assert tables.Row("flow_matching", "x", "x", {}, {}, curves={1: {0: curve[:1]}}, floors={1: 1.0}).converged(1) is None

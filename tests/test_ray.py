@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.cluster import ResourcesError, check_feasible, worker_options
-from orchestration.graph import _fits, build, is_table, load_table
+from orchestration.execution.cluster import ResourcesError, check_feasible, worker_options
+from orchestration.execution.graph import _fits, build, is_table, load_table
 from shortcut.spec import ResourcesSpec, SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_table_overrides_reach_the_teacher():
 
 
 def test_workers_share_a_compilation_cache_in_the_work_directory(tmp_path):
-    code = ("import jax, jax.numpy as jnp, sys; from orchestration.worker import enable_compilation_cache; "
+    code = ("import jax, jax.numpy as jnp, sys; from orchestration.execution.worker import enable_compilation_cache; "
             "hits = []; jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) "
             "if e == '/jax/compilation_cache/cache_hits' else None); enable_compilation_cache(sys.argv[1]); "
             "y = float(jax.jit(lambda x: jnp.sin(x) * 2)(1.0)); print(y, len(hits) > 0)")
@@ -186,7 +186,7 @@ def test_sweep_with_asha_mlflow_children_and_a_killed_trial(tmp_path):
     resumes from that checkpoint; the sweep completes with a parent MLflow run and four children."""
     from mlflow.tracking import MlflowClient
 
-    from orchestration.tracking import LocalServer
+    from orchestration.tracking.server import LocalServer
 
     workdir, results = tmp_path / "runs", tmp_path / "results"
     server = LocalServer.for_workdir(tmp_path / "mlflow-work", idle_timeout=60, log=lambda s: None)

@@ -1,4 +1,4 @@
-"""Ray Jobs submission (orchestration/jobs.py) against a real local Ray head node on 127.0.0.1.
+"""Ray Jobs submission (orchestration/execution/jobs.py) against a real local Ray head node on 127.0.0.1.
 
 The head node runs from this virtualenv (its bin/ first on PATH, so the job's `python` is the venv's)
 with every port of its own, a short temp dir of its own and token authentication with a token of its
@@ -29,7 +29,7 @@ pytest.importorskip("ray.job_submission")
 import psutil  # noqa: E402  (a dependency of ray[default])
 import requests  # noqa: E402
 
-from orchestration import jobs  # noqa: E402
+from orchestration.execution import jobs  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 VENV_BIN = Path(sys.executable).parent

@@ -18,7 +18,7 @@ from shortcut import methods
 from shortcut.checkpoint import Checkpointer
 from shortcut.record import jsonable, run_dir
 from shortcut.run import run
-from shortcut.spec import list_specs, load_spec
+from shortcut.spec import list_specs, load_spec, smoke_version
 from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
                             make_train_step, train)
 
@@ -40,7 +40,7 @@ def test_paper_specs_smoke_through_the_latent_path(name, encoding, tmp_path):
     """Mock 256x256 images -> (random reduced-width) VAE encode -> train on 32x32x4 latents -> sample ->
     decode -> the FID pipeline with stand-in weights; every stage labelled as a smoke check in the record."""
     spec = load_spec(name, [f"data.latent.encoding={encoding}"])
-    record = run(spec, workdir=tmp_path, smoke=True, log=lambda s: None)
+    record = run(smoke_version(spec), workdir=tmp_path, log=lambda s: None)
     assert record["status"] == "finished" and record["smoke"] is True
     assert "mock" in record["data"]
     assert record["spec"]["model"]["hidden_size"] == 32 and spec.input_shape == (32, 32, 4)
@@ -67,10 +67,10 @@ BASELINE_PAPER_SPECS = [n for n in list_specs() if n.startswith(("celeba_", "ima
 @pytest.mark.parametrize("name", BASELINE_PAPER_SPECS)
 def test_baseline_paper_specs_smoke(name, tmp_path):
     """Every baseline's CelebA/ImageNet spec end to end with --smoke (its teacher first, as a smoke run too)."""
-    spec = load_spec(name)
+    spec = load_spec(name, smoke=True)
     if spec.teacher is not None:
-        assert run(spec.teacher_spec(), workdir=tmp_path, smoke=True, log=lambda s: None)["status"] == "finished"
-    record = run(spec, workdir=tmp_path, smoke=True, log=lambda s: None)
+        assert run(spec.teacher_spec(), workdir=tmp_path, log=lambda s: None)["status"] == "finished"
+    record = run(spec, workdir=tmp_path, log=lambda s: None)
     assert record["status"] == "finished" and set(record["samples"]) == {"128", "4", "1"}
 
 

@@ -121,8 +121,8 @@ def test_partial_saves_are_not_steps_and_only_remove_partial_saves(tmp_path):
 def run_env(tmp_path_factory):
     """The environment of the runs: a one-CPU Ray worker's XLA settings (not its pinning) and a compilation
     cache shared with the session's other tests of such runs (tests/test_stress.py): the first run compiles."""
-    from orchestration.cluster import worker_options
-    from orchestration.cpu_slots import ENV as PIN
+    from orchestration.execution.cluster import worker_options
+    from orchestration.execution.cpu_slots import ENV as PIN
     from shortcut.spec import ResourcesSpec
 
     worker = {k: v for k, v in worker_options(ResourcesSpec(cpus=1))["runtime_env"]["env_vars"].items() if k != PIN}
@@ -280,7 +280,7 @@ def test_holder_sigkilled_mid_checkpoint(run_env, tmp_path):
 def test_a_table_waits_for_a_node_running_elsewhere(tmp_path):
     """The table's scheduler meets a locked node: it does not start it, reports who runs it, and once that
     run lets go takes its record (finished: cached) or starts the node itself (not finished)."""
-    from orchestration.graph import Node, _check_elsewhere, _running_elsewhere
+    from orchestration.execution.graph import Node, _check_elsewhere, _running_elsewhere
     from shortcut.record import write_json
 
     from shortcut.spec import load_spec, smoke_version

@@ -223,3 +223,19 @@ def test_every_paper_spec_trains_on_32x32x4_latents_with_patch_2():
         s = load_spec(name)
         assert s.data.latent.autoencoder == "sd-vae-ft-mse" and s.data.latent.scale == 0.18215, name
         assert s.input_shape == (32, 32, 4) and s.pixel_shape == (256, 256, 3) and s.model.patch_size == 2, name
+
+
+def test_every_committed_record_keeps_its_spec_hash():
+    """The spec of every results record committed under results/ still hashes to the spec_hash it was recorded
+    with (the loader resolving its teacher): a change to the schema or the hashing that would move a run
+    directory, and so lose every finished run, fails here."""
+    import json
+
+    from shortcut.spec import validate
+
+    records = sorted((EXPERIMENTS_DIR.parent / "results").glob("*/*/*.json"))
+    records = [p for p in records if "spec_hash" in (r := json.loads(p.read_text())) and "spec" in r]
+    assert len(records) >= 2
+    for path in records:
+        record = json.loads(path.read_text())
+        assert validate(record["spec"], {}, default_source=str(path)).hash() == record["spec_hash"], path

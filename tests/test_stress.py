@@ -105,18 +105,17 @@ def _assert_nothing_left(mark: str, workdir: Path, runs: int) -> float:
 DRIVER = """
 import json, sys
 import ray
-from orchestration import cluster
-from orchestration.worker import Tracking
-from shortcut.spec import smoke_version
+from orchestration.execution import cluster
+from orchestration.execution.worker import Tracking
 from shortcut.spec import load_spec
 
 workdir, results, sequential, parallel, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cluster.connect(None, num_cpus=2)
 
 def launch(seed):
-    spec = load_spec("digits_flow", ["eval.steps=[1]", f"seed={seed}"])
-    return cluster.launch(spec.model_dump(mode="json"), smoke_version(spec).resources, workdir=workdir, smoke=True,
-                          tracking=Tracking(), results_dir=results)
+    spec = load_spec("digits_flow", ["eval.steps=[1]", f"seed={seed}"], smoke=True)
+    return cluster.launch(spec.model_dump(mode="json"), spec.resources, workdir=workdir, tracking=Tracking(),
+                          results_dir=results)
 
 statuses = [ray.get(launch(i))["status"] for i in range(sequential)]
 statuses += [o["status"] for o in ray.get([launch(100 + i) for i in range(parallel)])]
@@ -176,7 +175,7 @@ def test_the_server_outlives_neither_its_idle_timeout_nor_its_starters_schedulin
     every core, and at nice 0 where this user may lower it."""
     import threading
 
-    from orchestration.tracking import LocalServer, healthy
+    from orchestration.tracking.server import LocalServer, healthy
 
     if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
         pytest.skip("needs CPU affinity and two cores")
@@ -186,7 +185,7 @@ def test_the_server_outlives_neither_its_idle_timeout_nor_its_starters_schedulin
         sys.path.insert(0, {str(REPO)!r})
         os.sched_setaffinity(0, {{0}})
         os.nice(15)
-        from orchestration.tracking import LocalServer
+        from orchestration.tracking.server import LocalServer
         server = LocalServer({str(state_dir)!r}, idle_timeout=1, log=lambda s: None)
         uri = server.acquire()
         state = json.loads(server.state_file.read_text())

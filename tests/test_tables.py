@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from orchestration import make_tables
-from orchestration.results import export_run, export_tree, first_sample, load_exports, load_paper
+from orchestration.reporting.results import export_run, export_tree, first_sample, load_exports, load_paper
 from tracking_fixtures import first_image, make_record, make_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,9 @@ pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestration import make_tables  # noqa: E402
-from orchestration.tracking import (  # noqa: E402
-    RUN_ID_FILE, LocalServer, Tracker, _pid_alive, free_port, healthy, make_tracker, sync)
+from orchestration.tracking.server import LocalServer, _pid_alive, free_port, healthy  # noqa: E402
+from orchestration.tracking.sync import RUN_ID_FILE, sync  # noqa: E402
+from orchestration.tracking.tracker import Tracker, make_tracker  # noqa: E402
 from tracking_fixtures import make_record, make_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_four_processes_log_at_once_without_loss(server, tmp_path):
         import sys
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
         from pathlib import Path
-        from orchestration.tracking import Tracker
+        from orchestration.tracking.tracker import Tracker
         from tracking_fixtures import make_record, make_spec
         seed = int(sys.argv[1])
         spec = make_spec("digits_parallel", "shortcut", "digits", seed=seed, lr=2e-3)
@@ -273,7 +274,7 @@ def test_run_experiment_logs_a_real_run(server, tmp_path):
 
 def _store_processes(state_dir: Path) -> list[int]:
     """Every live process of a store's supervisor and server (their process groups)."""
-    from orchestration.tracking import _group_members
+    from orchestration.tracking.server import _group_members
 
     return [pid for g in LocalServer(state_dir, log=lambda s: None)._stray_groups() for pid in _group_members(g)]
 
@@ -292,7 +293,7 @@ def test_server_survives_a_sigkilled_starter_is_reused_and_stops_when_idle(tmp_p
     supervisor, same URI: one store, one server), and once nobody holds a lease it stops (idle 2 s)."""
     state_dir = tmp_path / "mlflow"
     script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-              "from orchestration.tracking import LocalServer\n"
+              "from orchestration.tracking.server import LocalServer\n"
               f"print(LocalServer({str(state_dir)!r}, idle_timeout=2, log=lambda s: None).acquire(), flush=True)\n"
               "time.sleep(600)\n")
     starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -325,7 +326,7 @@ def test_server_started_in_a_ray_worker_outlives_the_worker_and_stops_with_its_s
 
         @ray.remote(max_calls=1)
         def start():
-            from orchestration.tracking import LocalServer
+            from orchestration.tracking.server import LocalServer
             uri = LocalServer.for_workdir({str(workdir)!r}, idle_timeout=30, log=lambda s: None).acquire()
             return uri, os.getpid()
 

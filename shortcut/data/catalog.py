@@ -1,42 +1,20 @@
-"""Dataset names -> TFDS builders, readiness checks and the instructions that prepare them."""
+"""Dataset sources (shortcut/data/sources.py) -> TFDS builders, readiness checks and the instructions that
+prepare them."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import shlex
 
 from shortcut.data.errors import DatasetNotReadyError
 from shortcut.data.info import DatasetInfo
+from shortcut.data.sources import Source, load, resolve_source, unknown_dataset
 from shortcut.data.tfenv import tfds
 
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 PREPARE_CMD = "python -m shortcut.data.prepare"
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """How one dataset name is read.
-
-    crop: "adm" for an ADM centre crop + resize to `default_size` (or image_size) per example,
-    None to keep the stored size (resized to image_size if one is given).
-    """
-
-    name: str
-    tfds_name: str
-    crop: str | None = None
-    default_size: int | None = None
-
-
-def resolve_source(name: str) -> Source:
-    """The `Source` for a dataset name: our own builders (names.LOCAL_DATASETS: digits, celebahq256,
-    fashion_mnist_local) and any TFDS name are their own builder; imagenet256 is TFDS's imagenet2012,
-    ADM-cropped to 256."""
-    if name == "imagenet256":
-        return Source("imagenet256", "imagenet2012", crop="adm", default_size=256)
-    return Source(name, name)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
@@ -51,65 +29,23 @@ def default_manual_dir(data_dir: str) -> str:
 
 def get_builder(source: Source, data_dir: str) -> tfds.core.DatasetBuilder:
     """A TFDS builder for `source` in `data_dir` (never touches the network)."""
-    if source.tfds_name == "digits":
-        from shortcut.data.digits import Digits
-
-        return Digits(data_dir=data_dir)
-    if source.tfds_name == "celebahq256":
-        from shortcut.data.celebahq import CelebaHq256
-
-        return CelebaHq256(data_dir=data_dir)
-    if source.tfds_name == "fashion_mnist_local":
-        from shortcut.data.fashion_mnist import FashionMnistLocal
-
-        return FashionMnistLocal(data_dir=data_dir)
+    if source.builder:
+        return load(source.builder)(data_dir=data_dir)
     try:
         return tfds.builder(source.tfds_name, data_dir=data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError:
-        from shortcut.data.names import unknown_dataset
-
         # one line with the nearest names; TFDS's own message lists its whole catalogue
         raise ValueError(unknown_dataset(source.tfds_name) or f"unknown dataset {source.name!r}") from None
 
 
 def not_ready_message(source: Source, data_dir: str) -> str:
-    """Instructions that prepare `source` in `data_dir` (used by DatasetNotReadyError)."""
-    manual = default_manual_dir(data_dir)
-    head = f"Dataset {source.name!r} is not prepared in data_dir {data_dir}."
+    """Instructions that prepare `source` in `data_dir` (used by DatasetNotReadyError): the table's own
+    (sources.Source.not_ready), else TFDS's way."""
+    if source.not_ready:
+        return load(source.not_ready)(source, data_dir)
     q_dir = shlex.quote(data_dir)  # paths in commands are shell-quoted
-    if source.name == "celebahq256":
-        from shortcut.data.celebahq import MANUAL_SUBDIR, image_folder, list_images
-
-        folder = image_folder(manual)
-        found = len(list_images(folder))
-        state = f"it holds {found} images" if found else "it is missing or holds no images"
-        return (
-            f"{head}\n"
-            f"1. Put the CelebA-HQ 256x256 images (*.jpg or *.png, 30,000 files) in\n"
-            f"     {os.path.join(manual, MANUAL_SUBDIR)}\n"
-            f"   (now {state}).\n"
-            f"2. Build the TFDS dataset once (from the project root, or anywhere with the package "
-            f"installed):\n"
-            f"     {PREPARE_CMD} celebahq256 --data_dir {q_dir}\n"
-            f"   Images elsewhere: add --manual_dir /path/to/image/folder."
-        )
-    if source.tfds_name == "imagenet2012":
-        present = [t for t in IMAGENET_TARS if os.path.isfile(os.path.join(manual, t))]
-        missing = [t for t in IMAGENET_TARS if t not in present]
-        state = f"missing: {', '.join(missing)}" if missing else "both are there"
-        return (
-            f"{head} It is TFDS 'imagenet2012', built from the official tars.\n"
-            f"1. Download {' and '.join(IMAGENET_TARS)} (registration at "
-            f"https://image-net.org/download-images) into\n"
-            f"     {manual}\n"
-            f"   (now {state}).\n"
-            f"2. Build the TFDS dataset once (hours; ~150 GB of disk):\n"
-            f"     {PREPARE_CMD} imagenet256 --data_dir {q_dir}\n"
-            f"   (or with the tfds CLI, which also needs apache-beam installed:\n"
-            f"     tfds build imagenet2012 --data_dir {q_dir})"
-        )
     msg = (
-        f"{head}\nBuild it with (downloads the data, so it needs network access):\n"
+        f"{_head(source, data_dir)}\nBuild it with (downloads the data, so it needs network access):\n"
         f"     {PREPARE_CMD} {source.tfds_name} --data_dir {q_dir}\n"
         f"(or with the tfds CLI, which also needs apache-beam installed:\n"
         f"     tfds build {source.tfds_name} --data_dir {q_dir})\n"
@@ -119,8 +55,49 @@ def not_ready_message(source: Source, data_dir: str) -> str:
     cls = tfds.builder_cls(source.tfds_name.split("/")[0].split(":")[0])
     instructions = getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     if instructions:
-        msg += f"\nIt needs manually downloaded files in {manual}:\n{instructions.rstrip()}"
+        msg += f"\nIt needs manually downloaded files in {default_manual_dir(data_dir)}:\n{instructions.rstrip()}"
     return msg
+
+
+def _head(source: Source, data_dir: str) -> str:
+    return f"Dataset {source.name!r} is not prepared in data_dir {data_dir}."
+
+
+def celebahq_not_ready(source: Source, data_dir: str) -> str:
+    from shortcut.data.celebahq import MANUAL_SUBDIR, image_folder, list_images
+
+    manual = default_manual_dir(data_dir)
+    found = len(list_images(image_folder(manual)))
+    state = f"it holds {found} images" if found else "it is missing or holds no images"
+    return (
+        f"{_head(source, data_dir)}\n"
+        f"1. Put the CelebA-HQ 256x256 images (*.jpg or *.png, 30,000 files) in\n"
+        f"     {os.path.join(manual, MANUAL_SUBDIR)}\n"
+        f"   (now {state}).\n"
+        f"2. Build the TFDS dataset once (from the project root, or anywhere with the package "
+        f"installed):\n"
+        f"     {PREPARE_CMD} celebahq256 --data_dir {shlex.quote(data_dir)}\n"
+        f"   Images elsewhere: add --manual_dir /path/to/image/folder."
+    )
+
+
+def imagenet_not_ready(source: Source, data_dir: str) -> str:
+    manual = default_manual_dir(data_dir)
+    q_dir = shlex.quote(data_dir)
+    present = [t for t in IMAGENET_TARS if os.path.isfile(os.path.join(manual, t))]
+    missing = [t for t in IMAGENET_TARS if t not in present]
+    state = f"missing: {', '.join(missing)}" if missing else "both are there"
+    return (
+        f"{_head(source, data_dir)} It is TFDS 'imagenet2012', built from the official tars.\n"
+        f"1. Download {' and '.join(IMAGENET_TARS)} (registration at "
+        f"https://image-net.org/download-images) into\n"
+        f"     {manual}\n"
+        f"   (now {state}).\n"
+        f"2. Build the TFDS dataset once (hours; ~150 GB of disk):\n"
+        f"     {PREPARE_CMD} imagenet256 --data_dir {q_dir}\n"
+        f"   (or with the tfds CLI, which also needs apache-beam installed:\n"
+        f"     tfds build imagenet2012 --data_dir {q_dir})"
+    )
 
 
 @contextlib.contextmanager
@@ -152,16 +129,14 @@ def prepare_builder(
 
 
 def load_builder(source: Source, data_dir: str) -> tfds.core.DatasetBuilder:
-    """The prepared builder; digits is prepared on first use, others raise DatasetNotReadyError."""
+    """The prepared builder; a source built on first use (digits) is built now, others raise
+    DatasetNotReadyError."""
     builder = get_builder(source, data_dir)
     if builder.is_prepared():
         return builder
-    if source.tfds_name == "digits":
-        return prepare_builder(source, data_dir)
-    if source.tfds_name == "fashion_mnist_local":  # built offline from the Debian package's files
-        from shortcut.data.fashion_mnist import check_files
-
-        check_files()
+    if source.on_first_use:
+        if source.check_files:
+            load(source.check_files)(default_manual_dir(data_dir))
         return prepare_builder(source, data_dir)
     raise DatasetNotReadyError(not_ready_message(source, data_dir))
 

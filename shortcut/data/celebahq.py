@@ -25,6 +25,16 @@ def image_folder(manual_dir: str | Path) -> Path:
     return sub if sub.is_dir() else manual_dir
 
 
+def check_files(manual_dir: str | Path) -> None:
+    """Raise DatasetNotReadyError, saying where the images go, when `manual_dir` holds none."""
+    from shortcut.data.errors import DatasetNotReadyError
+
+    if not list_images(image_folder(manual_dir)):
+        raise DatasetNotReadyError(f"No *.jpg / *.png images under {manual_dir}: put the CelebA-HQ 256x256 images "
+                                   f"(30,000 files) in {Path(manual_dir) / MANUAL_SUBDIR}, or pass --manual_dir "
+                                   "/path/to/image/folder")
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files under `folder` (recursive, sorted); [] when the folder does not exist."""
     folder = Path(folder)

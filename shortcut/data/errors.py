@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from shortcut.errors import ShortcutError
 
-class DatasetNotReadyError(Exception):
+
+class DatasetNotReadyError(ShortcutError):
     """The dataset is not prepared on this machine.
 
     The message says where the files go and the exact command that prepares the data.

@@ -38,8 +38,9 @@ def missing_message() -> str:
             f"    {INSTALL_CMD}\n(Debian/Ubuntu, as root), or set ${ENV_DIR} to a folder holding the four files.")
 
 
-def check_files() -> None:
-    """Raise DatasetNotReadyError with the apt-get line when an idx file is missing."""
+def check_files(manual_dir: str | None = None) -> None:
+    """Raise DatasetNotReadyError with the apt-get line when an idx file is missing (they come from a Debian
+    package, not a manual directory)."""
     d = idx_dir()
     if not all((d / f).is_file() for pair in FILES.values() for f in pair):
         raise DatasetNotReadyError(missing_message())

@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shortcut.data.catalog import (
-    default_manual_dir,
-    prepare_builder,
-    resolve_data_dir,
-    resolve_source,
-)
+from shortcut.data.catalog import default_manual_dir, prepare_builder, resolve_data_dir
 from shortcut.data.errors import DatasetNotReadyError
+from shortcut.data.sources import load, resolve_source
 
 
 def prepare_dataset(
@@ -27,14 +23,8 @@ def prepare_dataset(
     """
     source = resolve_source(name)
     data_dir = resolve_data_dir(data_dir)
-    if source.name == "celebahq256":
-        from shortcut.data.catalog import not_ready_message
-        from shortcut.data.celebahq import image_folder, list_images
-
-        if not list_images(image_folder(manual_dir or default_manual_dir(data_dir))):
-            if manual_dir:
-                raise DatasetNotReadyError(f"No *.jpg / *.png images under {manual_dir}.")
-            raise DatasetNotReadyError(not_ready_message(source, data_dir))
+    if source.check_files:
+        load(source.check_files)(manual_dir or default_manual_dir(data_dir))
     builder = prepare_builder(source, data_dir, manual_dir=manual_dir)
     return {split: info.num_examples for split, info in builder.info.splits.items()}
 

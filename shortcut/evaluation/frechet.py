@@ -154,6 +154,15 @@ def _trace_sqrt_product_eigh(cov1: np.ndarray, cov2: np.ndarray) -> float:
     return float(np.sum(np.sqrt(np.clip(ev, 0.0, None))))
 
 
+def frechet_distance_of_samples(mean, cov, count: int, mu_ref, cov_ref) -> float:
+    """frechet_distance of `count` samples' mean and covariance to a reference, by the method their count
+    calls for: "sqrtm" (the standard FID code's) when the covariance can have full rank (count > dim);
+    "eigh" below that, where the covariance is singular and sqrtm needs its eps * I retry (two d x d square
+    roots, each many seconds at Inception's 2048-d) to approximate what eigh gives exactly in one."""
+    method = "sqrtm" if count > np.size(mean) else "eigh"
+    return frechet_distance(mean, cov, mu_ref, cov_ref, method=method)
+
+
 def frechet_distance(
     mu1,
     cov1,

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
+from shortcut.errors import ShortcutError
 from shortcut.evaluation.frechet import atomic_savez
 
 
@@ -70,7 +71,7 @@ ENV_DIR = "SHORTCUT_WEIGHTS_DIR"
 STANDARD = "standard"
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(ShortcutError, FileNotFoundError):
     """The FID Inception weights file is missing, unreadable or not the expected one."""
 
 

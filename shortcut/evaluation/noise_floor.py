@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shortcut.evaluation.frechet import frechet_distance
+from shortcut.evaluation.frechet import frechet_distance_of_samples
 
 DRAWS = 10
 BOOTSTRAP_DRAWS = 50
@@ -38,7 +38,7 @@ def noise_floor(pool: np.ndarray, reference, num_samples: int, *, draws: int = D
     values = []
     for _ in range(draws):
         mu, sigma = _moments(pool[rng.choice(len(pool), num_samples, replace=replace)])
-        values.append(frechet_distance(mu, sigma, reference.mu, reference.sigma))
+        values.append(frechet_distance_of_samples(mu, sigma, num_samples, reference.mu, reference.sigma))
     return {"value": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if draws > 1 else 0.0,
             "max": float(np.max(values)), "values": [float(v) for v in values], "num_samples": int(num_samples),
             "draws": int(draws), "pool": int(len(pool)), "with_replacement": bool(replace), "source": source}
@@ -51,6 +51,6 @@ def bootstrap_std(features: np.ndarray, reference, *, draws: int = BOOTSTRAP_DRA
     if features.shape[-1] > BOOTSTRAP_MAX_DIM or len(features) < 2:
         return None
     rng = np.random.default_rng(seed)
-    values = [frechet_distance(*_moments(features[rng.integers(0, len(features), len(features))]),
-                               reference.mu, reference.sigma) for _ in range(draws)]
+    values = [frechet_distance_of_samples(*_moments(features[rng.integers(0, len(features), len(features))]),
+                                          len(features), reference.mu, reference.sigma) for _ in range(draws)]
     return float(np.std(values, ddof=1))

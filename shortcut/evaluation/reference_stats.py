@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from shortcut.evaluation.frechet import RunningStats, atomic_savez, frechet_distance
+from shortcut.evaluation.frechet import RunningStats, atomic_savez, frechet_distance, frechet_distance_of_samples
 from shortcut.evaluation.streaming import FeatureFn, progress_enabled
 
 FORMAT = "shortcut-models/reference-stats/v1"
@@ -83,7 +83,11 @@ class ReferenceStats:
                 f"reference statistics were computed with feature net {pn} ({ps}), not {name} ({sha256})"
             )
 
-    def frechet_distance(self, stats: RunningStats, method: str = "sqrtm") -> float:
+    def frechet_distance(self, stats: RunningStats, method: str | None = None) -> float:
+        """Of `stats` to this reference; `method` None: the one its sample count calls for
+        (frechet_distance_of_samples)."""
+        if method is None:
+            return frechet_distance_of_samples(stats.mean, stats.cov, stats.count, self.mu, self.sigma)
         return frechet_distance(stats.mean, stats.cov, self.mu, self.sigma, method=method)
 
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from shortcut.errors import ShortcutError
 from shortcut.evaluation.inception_weights import KnownWeights, default_weights_dir, sha256_file
 from shortcut.vae.model import SD_VAE_FT_MSE, AutoencoderKL, VAEConfig, init_params, param_shapes
 
@@ -54,7 +55,7 @@ ENV_FILE = "SHORTCUT_VAE_WEIGHTS"
 SUBDIR = "sd-vae-ft-mse"
 
 
-class VAEWeightsError(FileNotFoundError):
+class VAEWeightsError(ShortcutError, FileNotFoundError):
     """The VAE weights file is missing, unreadable, not the expected one, or does not fit the model."""
 
 

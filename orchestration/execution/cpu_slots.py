@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENV = "SHORTCUT_PIN_CPUS"  # set by orchestration.cluster.worker_options: the cores a worker asks for
+ENV = "SHORTCUT_PIN_CPUS"  # set by orchestration.execution.cluster.worker_options: the cores a worker asks for
 
 _held: list[int] = []  # this process's open lock files, until release() or its exit
 

@@ -27,7 +27,7 @@ class Tracking:
         """From the CLI flags and the environment ($SHORTCUT_TRACKING, $MLFLOW_TRACKING_URI)."""
         import os
 
-        from orchestration.tracking import disabled_by_env
+        from orchestration.tracking.tracker import disabled_by_env
 
         return cls(enabled=not (no_tracking or disabled_by_env()), uri=uri or os.environ.get("MLFLOW_TRACKING_URI"),
                    keep_server=keep_server)
@@ -107,30 +107,30 @@ def enable_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def execute(spec_tree: dict, *, workdir: str, smoke: bool = False, eval_only: bool = False,
+def execute(spec_tree: dict, *, workdir: str, eval_only: bool = False,
             tracking: Tracking = Tracking(), results_dir: str | None = None, hooks: tuple = (),
             distributed: Distributed | None = None, on_locked: str = "fail") -> dict:
     """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
     propagate with their message; the run record in the run directory says how the run ended.
     `on_locked`: what to do when another process holds the run directory (shortcut.run.run)."""
-    from orchestration import cpu_slots
+    from orchestration.execution import cpu_slots
 
     cpu_slots.pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
     try:
-        return _execute(spec_tree, workdir=workdir, smoke=smoke, eval_only=eval_only, tracking=tracking,
+        return _execute(spec_tree, workdir=workdir, eval_only=eval_only, tracking=tracking,
                         results_dir=results_dir, hooks=hooks, distributed=distributed, on_locked=on_locked)
     finally:
         cpu_slots.release()  # before Ray hears the run ended and starts the next one on this core
 
 
-def _execute(spec_tree: dict, *, workdir: str, smoke: bool, eval_only: bool, tracking: Tracking,
+def _execute(spec_tree: dict, *, workdir: str, eval_only: bool, tracking: Tracking,
              results_dir: str | None, hooks: tuple, distributed: Distributed | None, on_locked: str) -> dict:
     if distributed is not None:
         init_distributed(distributed)
     import jax
 
     enable_compilation_cache(workdir)
-    from orchestration.tracking import make_tracker
+    from orchestration.tracking.tracker import make_tracker
     from shortcut.run import run
     from shortcut.spec import validate
 
@@ -140,7 +140,7 @@ def _execute(spec_tree: dict, *, workdir: str, smoke: bool, eval_only: bool, tra
                            keep_server=tracking.keep_server, tags=dict(tracking.tags)) if lead else None
     listeners = Hooks(tracker, *hooks)
     try:
-        record = run(spec, workdir=workdir, smoke=smoke, eval_only=eval_only, tracker=listeners, on_locked=on_locked)
+        record = run(spec, workdir=workdir, eval_only=eval_only, tracker=listeners, on_locked=on_locked)
     finally:
         listeners.close()
     result = outcome(record, tracked=tracker is not None and tracking.enabled)
@@ -151,7 +151,7 @@ def _execute(spec_tree: dict, *, workdir: str, smoke: bool, eval_only: bool, tra
 
 def export(record: dict, results_dir: str | None) -> str | None:
     """Export a finished run's results record for make_tables; a failure here never fails the run."""
-    from orchestration.results import export_run
+    from orchestration.reporting.results import export_run
 
     try:
         path = export_run(record, results_dir)
@@ -200,7 +200,7 @@ def tracking_lines(record: dict) -> list[str]:
     import json
     from pathlib import Path
 
-    from orchestration.tracking import RUN_ID_FILE
+    from orchestration.tracking.sync import RUN_ID_FILE
 
     rundir = Path(record["run_dir"])
     try:

@@ -11,7 +11,7 @@ Each experiment is a node keyed by its spec hash (which includes the seed, so ea
 node); a student's teacher (its `teacher:` spec) is a node it depends on, added when the table does
 not list it, with the student's seed: the student of seed s distils the teacher of seed s.
 make_tables aggregates the seeds of one configuration into mean +- std. Nodes run as Ray tasks
-(orchestration/cluster.py) as soon as their teachers finished, in parallel where resources allow.
+(orchestration/execution/cluster.py) as soon as their teachers finished, in parallel where resources allow.
 A node whose run directory already holds a finished run with the same hash is skipped; one whose run
 directory another process holds (shortcut/run_lock.py: a plain run, another table) is running elsewhere,
 and the graph waits for that run's record instead of starting it. A failed node
@@ -95,8 +95,6 @@ def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = Fa
     """The nodes of a table, keyed by spec hash: for each seed of the table, every experiment and its
     teacher (with the same seed); every teacher comes before the experiments that wait for it, so the
     longest chains start first."""
-    from shortcut.spec import smoke_version
-
     nodes: dict[str, Node] = {}
 
     def add(spec: Spec, common: tuple[str, ...]) -> str:
@@ -107,16 +105,15 @@ def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = Fa
             tree["teacher_overrides"] = list(spec.teacher_overrides) + list(common)
             spec = validate(tree, {}, default_source=spec.name)
             deps.append(add(spec.teacher_spec(), common))
-        effective = smoke_version(spec) if smoke else spec
-        key = effective.hash()
-        nodes.setdefault(key, Node(effective, deps, show_seed=table.seeds is not None and len(table.seeds) > 1))
+        key = spec.hash()
+        nodes.setdefault(key, Node(spec, deps, show_seed=table.seeds is not None and len(table.seeds) > 1))
         return key
 
     # a seed from --set comes after the table's, so it wins (and the table runs that one seed)
     for seed_override in ([f"seed={s}"] for s in table.seeds) if table.seeds else ([],):
         common = tuple(table.set) + tuple(seed_override) + tuple(overrides)
         for name in table.experiments:
-            add(load_spec(name, common), common)
+            add(load_spec(name, common, smoke=smoke), common)
     return _teachers_first(nodes)
 
 
@@ -162,7 +159,7 @@ class _Board:
 
 
 class ProgressReporter:
-    """Run hooks (see orchestration.worker.Hooks) that tell the board how far a run is."""
+    """Run hooks (see orchestration.execution.worker.Hooks) that tell the board how far a run is."""
 
     def __init__(self, board, key: str):
         self.board, self.key = board, key
@@ -215,7 +212,9 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
     `running` (ObjectRef -> node key) is kept up to date for the caller."""
     import ray
 
-    from orchestration import cluster
+    from orchestration.execution import cluster
+    from orchestration.execution.killed import killed
+    from shortcut.record import run_dir
 
     # Only what fits now is submitted, so that the driver, not Ray's queue, picks the next run (in the
     # order of _teachers_first). With nothing running a node is submitted even if it does not fit: a
@@ -268,7 +267,7 @@ def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict,
                 node.status = "finished" if node.outcome["status"] == "finished" else "failed"
                 node.error = node.outcome.get("error")
             except Exception as e:  # noqa: BLE001 - one failed experiment never stops the others
-                error = cluster.cause(e)
+                error = killed(e, run_dir(node.spec, workdir)) or cluster.cause(e)
                 node.status, node.error = "failed", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             finally:
                 cluster.release(ref)
@@ -296,7 +295,7 @@ def _running_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) ->
 def _check_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> None:
     """A node running elsewhere whose run directory is free again: finished there (cached, with that run's
     record), else waiting (started here next, resuming from that run's last checkpoint)."""
-    from orchestration.worker import outcome
+    from orchestration.execution.worker import outcome
     from shortcut import run_lock
     from shortcut.record import read as _read_record
     from shortcut.record import run_dir
@@ -317,7 +316,7 @@ def _check_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> N
 
 def _stop(running: dict, nodes: dict[str, Node], say: Callable[[str], None]) -> None:
     """Cancel the running experiments (each saves a checkpoint, as on Ctrl-C) and wait a while for them."""
-    from orchestration import cluster
+    from orchestration.execution import cluster
 
     if not running:
         return

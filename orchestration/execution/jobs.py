@@ -30,12 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from shortcut.errors import ShortcutError
 from shortcut.record import git_commit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Kept out of the working_dir upload (gitignore syntax, relative to the repository root; Ray also honours
 # .gitignore). Ray refuses a package of 512 MiB or more (its gRPC message limit) and warns from 256 MiB.
@@ -48,7 +49,7 @@ STOP_TIMEOUT_S = 60.0
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 
 
-class JobSubmissionError(RuntimeError):
+class JobSubmissionError(ShortcutError, RuntimeError):
     """A job could not be submitted or followed; the message is one line for the user."""
 
 

@@ -2,13 +2,13 @@
 
 * `connect(address)`: no address (and no $RAY_ADDRESS) starts a local Ray instance sized to this
   machine; a GCS address (`host:6379`, `auto`, `ray://host:10001`) joins that cluster as a driver.
-  (A dashboard URL, `http://host:8265`, means "submit a job" and is handled by orchestration/jobs.py;
+  (A dashboard URL, `http://host:8265`, means "submit a job" and is handled by orchestration/execution/jobs.py;
   inside that job Ray sets $RAY_ADDRESS to the GCS address, so the job's driver joins here.)
 * `worker_options(resources)`: Ray options of one worker. CPU-only workers run JAX on the CPU with
-  as many threads as CPUs asked, pinned to as many free cores (orchestration/cpu_slots.py), with
+  as many threads as CPUs asked, pinned to as many free cores (orchestration/execution/cpu_slots.py), with
   glibc's malloc keeping XLA's per-step buffers; a fractional GPU share turns off JAX's full-memory
   preallocation; TPU chips are the `TPU` resource.
-* `launch(spec_tree, resources, **kwargs)`: one Ray task running orchestration.worker.execute, or for
+* `launch(spec_tree, resources, **kwargs)`: one Ray task running orchestration.execution.worker.execute, or for
   `resources.hosts > 1` one actor per host (a placement group spreads them), joined by
   `jax.distributed.initialize` with process 0's node as coordinator. Each worker process runs one
   experiment and exits, so XLA settings and device memory never leak between runs.
@@ -21,11 +21,12 @@ import os
 import socket
 from typing import Any
 
-from orchestration import cpu_slots
+from orchestration.execution import cpu_slots
+from shortcut.errors import ShortcutError
 from shortcut.spec import ResourcesSpec
 
 
-class ResourcesError(RuntimeError):
+class ResourcesError(ShortcutError, RuntimeError):
     """The Ray cluster cannot ever provide what a spec asks for."""
 
 
@@ -112,7 +113,7 @@ def check_feasible(r: ResourcesSpec, cluster: dict, name: str, *, local: bool) -
 def _remote_execute():
     import ray
 
-    from orchestration.worker import execute
+    from orchestration.execution.worker import execute
 
     return ray.remote(max_calls=1)(execute)
 
@@ -129,24 +130,26 @@ class _HostWorker:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def execute(self, spec_tree: dict, **kwargs) -> dict:
-        from orchestration.worker import execute
+        from orchestration.execution.worker import execute
 
         return execute(spec_tree, **kwargs)
 
 
 def launch(spec_tree: dict, resources: ResourcesSpec, *, name: str | None = None, **kwargs):
     """Start one run on Ray; returns the ObjectRef of its outcome (process 0's, for a multi-host run).
-    kwargs go to orchestration.worker.execute."""
+    kwargs go to orchestration.execution.worker.execute."""
     import ray
 
     options = worker_options(resources)
     name = name or spec_tree.get("name", "run")
     if resources.hosts == 1:
-        return _remote_execute().options(name=name, **options).remote(spec_tree, **kwargs)
+        from orchestration.execution.killed import max_retries
+
+        return _remote_execute().options(name=name, max_retries=max_retries(), **options).remote(spec_tree, **kwargs)
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from orchestration.worker import Distributed
+    from orchestration.execution.worker import Distributed
 
     bundle = {"CPU": options["num_cpus"]}
     if options["num_gpus"]:

@@ -26,7 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from shortcut import record as record_lib
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = 1
 CONFIG_SECTIONS = ("data", "model", "method", "optimizer", "train")  # the spec hash's sections minus seed
 
@@ -120,10 +122,7 @@ def write_export(exported: dict, dest: Path, flat: bool = False) -> Path:
             assets.mkdir(parents=True, exist_ok=True)
             image.save(assets / f"steps_{n}.png")
             exported["samples"].setdefault(n, {})["first_sample"] = f"steps_{n}.png"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(exported, indent=2, default=str) + "\n")
-    os.replace(tmp, json_path)
+    record_lib.write_json(json_path, exported)
     return json_path
 
 
@@ -132,8 +131,7 @@ def export_run(record: dict | str | Path, results_dir: str | Path | None = None,
     """Export a finished run (a record, or a run directory / run.json path) into results/runs/.
     Returns the JSON path, or None for runs that are not finished or are --smoke runs."""
     if not isinstance(record, dict):
-        path = Path(record)
-        record = json.loads((path / "run.json" if path.is_dir() else path).read_text())
+        record = record_lib.read(record) or {}
     if record.get("status") != "finished" or (record.get("smoke") and not include_smoke):
         return None
     root = Path(results_dir) if results_dir else default_results_dir()
