@@ -59,7 +59,7 @@ def test_table_specs_list_their_experiments_and_teachers():
         assert all(n.deps == [flow_key] and n.spec.teacher_spec().seed == seed for n in of_seed.values() if n.deps)
         assert f"seed {seed}" in of_seed[flow_key].label
         # a table node is the spec run one by one with the table's overrides (resources are not hashed)
-        assert flow_key == load_spec("digits_flow", ["train.steps=2000", f"seed={seed}"]).hash()
+        assert flow_key == load_spec("digits_flow", ["train.steps=4000", f"seed={seed}"]).hash()
         assert flow_key == load_spec("digits_flow", [*table.set, f"seed={seed}"]).hash()
     order = list(nodes)
     assert max(order.index(k) for k, n in nodes.items() if n.spec.name == "digits_flow") < min(
