@@ -7,6 +7,7 @@ A run's directory is `<workdir>/<spec name>/<spec hash[:12]>/`; its record says 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -25,6 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def run_dir(spec, workdir: str | Path | None = None) -> Path:
     """Where a spec's run lives: `<workdir>/<name>/<hash[:12]>/` (workdir: the spec's output.workdir)."""
     return Path(workdir or spec.output.workdir) / spec.name / spec.hash()[:12]
+
+
+def now() -> str:
+    """The time a record notes (started, finished): UTC, to the second, ISO 8601."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def jsonable(obj):

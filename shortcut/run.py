@@ -9,7 +9,6 @@ and every metric with its provenance).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import socket
 import time
@@ -114,7 +113,7 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
     record.update({
         "name": spec.name, "spec_hash": spec.hash(), "smoke": spec.smoke, "status": "running",
         "data": "mock (random) data, for a pipeline check only" if spec.smoke else spec.data.dataset,
-        **record_lib.git_provenance(), "started": _now(), "run_dir": str(rundir),
+        **record_lib.git_provenance(), "started": record_lib.now(), "run_dir": str(rundir),
         "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
         "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions(),
         "spec": spec.model_dump(mode="json"),
@@ -141,7 +140,7 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
         raise
     finally:
         try:
-            record["finished"] = _now()
+            record["finished"] = record_lib.now()
             record_lib.write(rundir, record)
             if tracker is not None:
                 tracker.end(record)
@@ -276,10 +275,6 @@ def _run(spec: Spec, rundir: Path, eval_only: bool, record: dict, log, tracker=N
         evaluate_at(state, int(state.step))
     finally:
         checkpointer.close()
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _versions() -> dict:

@@ -88,6 +88,12 @@ def _alive_here(holder: dict | None) -> bool:
     return True
 
 
+def last_holder(rundir: str | Path) -> dict:
+    """Who last wrote its name into `rundir`'s lock file ({} when nobody): the holder now, or one that died
+    holding it (a killed holder never empties the file)."""
+    return _read(Path(rundir) / LOCK_FILE) or {}
+
+
 def holder(rundir: str | Path) -> dict | None:
     """Who holds `rundir`'s lock now ({} when the holder has not written its name yet), None when it is
     free. Creates nothing: a run directory without a lock file is free."""

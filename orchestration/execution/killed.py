@@ -14,7 +14,6 @@ run directory's lock file (shortcut/run_lock.py). Ray itself does not report the
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from shortcut import record
 from shortcut.errors import ShortcutError
-from shortcut.run_lock import LOCK_FILE, RunLock, RunLocked
+from shortcut.run_lock import RunLock, RunLocked, last_holder
 
 RETRIES_ENV = "SHORTCUT_RAY_MAX_RETRIES"
 MEMORY_REMEDY = ("if it was memory: a smaller train.batch_size, or resources.sharding=fsdp over more devices; "
@@ -54,7 +53,7 @@ def killed(error: BaseException, rundir: str | Path, *, kernel_log: str | None =
     import ray.exceptions as rx
 
     rundir = Path(rundir)
-    last = _last_holder(rundir)
+    last = last_holder(rundir)
     pid = last.get("pid") if last.get("host") == socket.gethostname() else None
     if isinstance(error, rx.OutOfMemoryError):
         cause = "Ray's memory monitor killed it: the node ran out of memory"
@@ -74,16 +73,6 @@ def killed(error: BaseException, rundir: str | Path, *, kernel_log: str | None =
                f"{cause}; {MEMORY_REMEDY}")
     _mark(rundir, cause)
     return WorkerKilled(message)
-
-
-def _last_holder(rundir: Path) -> dict:
-    """Who last held the run directory: a killed holder leaves its name in the lock file."""
-    import json
-
-    try:
-        return json.loads((rundir / LOCK_FILE).read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
 
 
 def _dmesg() -> str | None:
@@ -111,8 +100,7 @@ def _mark(rundir: Path, cause: str) -> None:
     try:
         rec = record.read(rundir)
         if rec and rec.get("status") == record.RUNNING:
-            rec.update(status=record.KILLED, error=f"WorkerKilled: {cause}",
-                       finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            rec.update(status=record.KILLED, error=f"WorkerKilled: {cause}", finished=record.now())
             record.write(rundir, rec)
     finally:
         lock.release()
