@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--budget-s", type=float, default=1200, help="stop compiling after this many seconds")
     p.add_argument("--reuse", action="store_true", help="take a cell's compiled figures from an existing "
-                   "results/plans/ JSON of the same spec hash instead of compiling it again")
+                   "results/plans/ JSON of the same spec hash, made from a clean commit, instead of compiling it again")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "planning.md")
     args = p.parse_args(argv)
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": spec.train.batch_size, "num_devices": topo.num_devices, "report": None}
                 cell["state"] = memory.state_bytes(spec, topo.num_devices, strategy)
                 out = REPO / "results" / "plans" / f"{name}_{topo.slug}_{strategy}.json"
-                if args.reuse and out.exists() and json.loads(out.read_text()).get("spec_hash") == spec.hash():
+                if args.reuse and reusable(out, spec.hash()):
                     cell["report"] = json.loads(out.read_text())
                 elif time.perf_counter() - t_start < args.budget_s:
                     t0 = time.perf_counter()
@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     write_table(args.out, table)
     return 0
+
+
+def reusable(path: Path, spec_hash: str) -> bool:
+    """Whether a committed report can stand for its cell: same spec hash, made from a clean commit."""
+    if not path.exists():
+        return False
+    report = json.loads(path.read_text())
+    return report.get("spec_hash") == spec_hash and bool(report.get("git_commit")) and not report.get("git_changes")
 
 
 def render(rows: list[dict], mfu: float, topologies: dict) -> str:
@@ -107,6 +115,11 @@ def render(rows: list[dict], mfu: float, topologies: dict) -> str:
                      f"{gib(c['state']['state'])} | {peak} | {fits} | "
                      f"{'-' if not flops else f'{flops / 1e12:.1f}{mark}'} | "
                      f"{'-' if days is None else f'{days:.2g}{mark}' if days < 10 else f'{days:.0f}{mark}'} |")
+    commits = sorted({c["report"]["git_commit"][:7] for c in rows if c["report"] and c["report"].get("git_commit")})
+    lines.append("")
+    lines.append(f"Compiled cells: {sum(c['report'] is not None for c in rows)} of {len(rows)}, "
+                 f"made from the clean commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or '-'} "
+                 f"(each report's `git_commit`).")
     return "\n".join(lines)
 
 
