@@ -33,11 +33,12 @@ demo: $(STAMP)
 # JAX programs the tests run in this process: read at process start, hence set here.
 MALLOC = $(shell $(VENV)/bin/python -c "from orchestration.execution.cluster import CPU_MALLOC_TUNABLES as t; print(t)")
 
+# Two workers (CI has two cores; tests/conftest.py says which tests share one worker).
 test: $(STAMP) $(REFERENCE)
-	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest
+	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
 test-all: $(STAMP) $(REFERENCE)
-	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest -m ''
+	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest -n 2 --dist loadgroup -m ''
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_throughput.py

@@ -4,7 +4,14 @@ a test starts without its own idle timeout stops 5 s after its last user.
 
 The session fails if an MLflow server, a tracking supervisor or a Ray process that the tests started is
 still alive at the end (after a grace period for the idle timeouts): every process the tests start
-inherits $SHORTCUT_TEST_SESSION, which tells them apart from other sessions' and users' processes."""
+inherits $SHORTCUT_TEST_SESSION, which tells them apart from other sessions' and users' processes.
+
+`make test` runs the tests on two pytest-xdist workers (`--dist loadgroup`): half of a serial run left one of
+CI's two cores idle. Tests that start Ray, MLflow servers or processes they kill and time carry
+`pytest.mark.xdist_group("processes")`: they run on one worker, one at a time, as they did serially, so two
+Ray clusters or two timed kills never overlap. Tests sharing a module-scoped fixture stay together
+(`pytest_collection_modifyitems`); the rest are shared out one by one. Each worker is its own session here
+(its own mark, results folder and leftover check)."""
 
 import os
 import re
@@ -25,11 +32,16 @@ _LEFTOVER = re.compile(r"orchestration\.tracking\x00_supervise|mlflow|uvicorn|ra
 _RESULTS_DIR: list[str] = []  # the results folder this session made (removed at its end)
 
 
+_OWN_RESULTS = "SHORTCUT_TEST_RESULTS_DIR"  # set beside SHORTCUT_RESULTS_DIR when a test session chose it
+
+
 def pytest_configure(config):
     os.environ.setdefault("SHORTCUT_TRACKING", "off")
-    if "SHORTCUT_RESULTS_DIR" not in os.environ:
+    # A folder of the user's is kept; one that a session made is replaced in each xdist worker by the
+    # worker's own, so that two workers never export into one folder.
+    if "SHORTCUT_RESULTS_DIR" not in os.environ or os.environ.get(_OWN_RESULTS):
         _RESULTS_DIR.append(tempfile.mkdtemp(prefix="shortcut_test_results_"))
-        os.environ["SHORTCUT_RESULTS_DIR"] = _RESULTS_DIR[0]
+        os.environ["SHORTCUT_RESULTS_DIR"] = os.environ[_OWN_RESULTS] = _RESULTS_DIR[0]
     os.environ.setdefault("SHORTCUT_TRACKING_IDLE_S", "5")
     os.environ[SESSION_VAR] = uuid.uuid4().hex
 
@@ -80,3 +92,16 @@ def no_leftover_processes():
 def pytest_unconfigure(config):
     for folder in _RESULTS_DIR:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the tests that share a module- or session-scoped fixture of their own module run on one
+    worker, which builds it once (a test with its own xdist_group keeps that)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        module = item.nodeid.split("::")[0]
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(d.scope != "function" and d.baseid == module
+                        for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(module))

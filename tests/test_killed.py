@@ -19,6 +19,7 @@ from orchestration.execution.killed import WorkerKilled, killed
 from shortcut import record
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("processes")  # xdist group: see conftest.py
 
 
 def _dead_run(rundir: Path, pid: int) -> None:

@@ -26,7 +26,7 @@ EXPERIMENTS = REPO / "experiments"
 TINY = ["train.steps=30", "train.log_every=10", "train.checkpoint_every=10", "eval.steps=[1]",
         "eval.num_samples=64", "eval.batch_size=64", "eval.grid_size=16", "resources.cpus=1"]
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("processes")]  # xdist group: see conftest.py
 
 
 def _cli(module: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

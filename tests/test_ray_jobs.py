@@ -31,7 +31,7 @@ import requests  # noqa: E402
 
 from orchestration.execution import jobs  # noqa: E402
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("processes")]  # xdist group: see conftest.py
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -114,6 +114,7 @@ def _cli(workdir: Path, overrides: list[str]) -> list[str]:
     return args
 
 
+@pytest.mark.xdist_group("processes")  # xdist group: see conftest.py
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """SIGKILL after a checkpoint, rerun: it resumes there and ends with bitwise-identical parameters."""
     overrides = ["train.steps=120", "train.checkpoint_every=30", "train.log_every=30", "eval.steps=[1]",

@@ -30,7 +30,7 @@ from shortcut.checkpoint import PARTIAL_SAVE, Checkpointer, remove_partial_saves
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["--set", "eval.steps=[1]"]  # one sampler to compile and evaluate: the runs stay short
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("processes")]  # xdist group: see conftest.py
 
 # os.rename patched to stall (holding the lock) on the commit of step $STALL_AT; then run_experiment.
 STALLING_RUN = """

@@ -35,7 +35,7 @@ MARGIN_S = 30  # what the server's stop and Ray's shutdown may take beyond it on
 _OURS = re.compile(r"orchestration\.tracking\x00_supervise|mlflow|uvicorn|raylet|gcs_server|ray::|"
                    r"default_worker\.py|site-packages/ray/")
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.xdist_group("processes")]  # xdist group: see conftest.py
 
 
 def _marked(mark: str) -> dict[int, str]:

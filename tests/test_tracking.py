@@ -25,6 +25,7 @@ from orchestration.tracking.tracker import Tracker, make_tracker  # noqa: E402
 from tracking_fixtures import make_record, make_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("processes")  # xdist group: see conftest.py
 TRAIN_KEYS = ("loss", "loss_flow", "loss_bootstrap", "grad_norm", "lr", "steps_per_sec")
 
 
