@@ -1,4 +1,5 @@
-"""benchmarks/accelerator.py end to end at its --smoke size (the GPU figures come from a GPU machine)."""
+"""benchmarks/accelerator.py end to end at its --smoke size (the GPU figures come from a GPU machine), and which
+plan reports benchmarks/plan_table.py may reuse."""
 
 import json
 import os
@@ -30,3 +31,19 @@ def test_accelerator_benchmark_smoke_writes_its_report(tmp_path):
     assert any("random-init" in n for n in report["notes"])  # the stand-in weights are named
     md = report_path.with_suffix(".md").read_text()
     assert "MFU" in md and "< 90 s" in md and ">= 45%" in md
+
+
+def test_plan_table_reuses_only_reports_of_the_same_spec_made_from_a_clean_commit(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from plan_table import reusable
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    report = tmp_path / "report.json"
+    assert not reusable(report, "abc")  # none written yet
+    for fields, expected in [({}, False),  # names no commit
+                             ({"git_commit": "e13ab9e", "git_changes": ["shortcut/model.py"]}, False),  # dirty tree
+                             ({"git_commit": "e13ab9e", "git_changes": []}, True)]:
+        report.write_text(json.dumps({"spec_hash": "abc", **fields}))
+        assert reusable(report, "abc") is expected, fields
+    assert not reusable(report, "another spec hash")
