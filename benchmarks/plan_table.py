@@ -77,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def reusable(path: Path, spec_hash: str) -> bool:
-    """Whether a committed report can stand for its cell: same spec hash, made from a clean commit."""
+    """Whether a committed report can stand for its cell: same spec hash, made from a commit whose code was
+    unchanged (a report may list changes to the planner's own outputs, shortcut/record.py OUTPUT_FOLDERS)."""
+    from shortcut.record import code_changes
+
     if not path.exists():
         return False
     report = json.loads(path.read_text())
-    return report.get("spec_hash") == spec_hash and bool(report.get("git_commit")) and not report.get("git_changes")
+    return (report.get("spec_hash") == spec_hash and report.get("git_commit") not in (None, "unknown")
+            and not code_changes(report.get("git_changes") or []))
 
 
 def render(rows: list[dict], mfu: float, topologies: dict) -> str:
@@ -117,9 +121,9 @@ def render(rows: list[dict], mfu: float, topologies: dict) -> str:
                      f"{'-' if days is None else f'{days:.2g}{mark}' if days < 10 else f'{days:.0f}{mark}'} |")
     commits = sorted({c["report"]["git_commit"][:7] for c in rows if c["report"] and c["report"].get("git_commit")})
     lines.append("")
-    lines.append(f"Compiled cells: {sum(c['report'] is not None for c in rows)} of {len(rows)}, "
-                 f"made from the clean commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or '-'} "
-                 f"(each report's `git_commit`).")
+    lines.append(f"Compiled cells: {sum(c['report'] is not None for c in rows)} of {len(rows)}, made from the "
+                 f"committed code of {', '.join(commits) or '-'} (each report's `git_commit`; `git_changes` lists "
+                 "only the planner's own outputs, results/plans/ and this table, where a report names any).")
     return "\n".join(lines)
 
 

@@ -69,8 +69,8 @@ def finished(record: dict | None, spec_hash: str | None = None) -> bool:
 
 
 def git_provenance(path: str | Path = REPO_ROOT) -> dict:
-    """{"git_commit": HEAD of the checkout at `path`, with "-dirty" when tracked files differ from it,
-    "git_changes": those files}: $SHORTCUT_GIT_COMMIT when set (a Ray job's uploaded copy has no .git),
+    """{"git_commit": HEAD of the checkout at `path`, with "-dirty" when tracked files outside OUTPUT_FOLDERS
+    differ from it, "git_changes": those files}: $SHORTCUT_GIT_COMMIT when set (a Ray job's uploaded copy has no .git),
     "unknown" when git cannot tell."""
     if os.environ.get("SHORTCUT_GIT_COMMIT"):
         return {"git_commit": os.environ["SHORTCUT_GIT_COMMIT"], "git_changes": []}
@@ -88,11 +88,25 @@ def git_commit(path: str | Path = REPO_ROOT) -> str:
     return git_provenance(path)["git_commit"]
 
 
+# What the project's commands write into the checkout (run records and tables, plan reports, the planning
+# table): a change there alters no computation, and a command that writes several outputs would otherwise
+# call the tree dirty from its second output on.
+OUTPUT_FOLDERS = ("results/", "docs/")
+
+
 def git_changes(path: str | Path = REPO_ROOT) -> list[str]:
-    """The tracked files that differ from HEAD (`git status --porcelain` lines), [] when clean or unknown."""
+    """The tracked files outside OUTPUT_FOLDERS that differ from HEAD (`git status --porcelain` lines),
+    [] when clean or unknown."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                              capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    return code_changes([line.strip() for line in out.splitlines() if line.strip()])
+
+
+def code_changes(changes: list[str]) -> list[str]:
+    """The `git status --porcelain` lines of `changes` whose file lies outside OUTPUT_FOLDERS."""
+    def path(line: str) -> str:
+        return line.split(maxsplit=1)[-1].split(" -> ")[-1].strip('"')
+    return [line for line in changes if not path(line).startswith(OUTPUT_FOLDERS)]

@@ -42,8 +42,11 @@ def test_plan_table_reuses_only_reports_of_the_same_spec_made_from_a_clean_commi
     report = tmp_path / "report.json"
     assert not reusable(report, "abc")  # none written yet
     for fields, expected in [({}, False),  # names no commit
-                             ({"git_commit": "e13ab9e", "git_changes": ["shortcut/model.py"]}, False),  # dirty tree
-                             ({"git_commit": "e13ab9e", "git_changes": []}, True)]:
+                             ({"git_commit": "e13ab9e-dirty", "git_changes": ["M shortcut/model.py"]}, False),
+                             ({"git_commit": "e13ab9e", "git_changes": []}, True),
+                             # reports written before record.git_changes left the outputs out list them
+                             ({"git_commit": "e13ab9e-dirty", "git_changes": ["M docs/planning.md",
+                                                                              "M results/plans/a.json"]}, True)]:
         report.write_text(json.dumps({"spec_hash": "abc", **fields}))
         assert reusable(report, "abc") is expected, fields
     assert not reusable(report, "another spec hash")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from shortcut import methods
 from shortcut.checkpoint import Checkpointer
-from shortcut.record import jsonable, run_dir
+from shortcut.record import git_provenance, jsonable, run_dir
 from shortcut.run import run
 from shortcut.spec import list_specs, load_spec, smoke_version
 from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
@@ -112,6 +112,24 @@ def _cli(workdir: Path, overrides: list[str]) -> list[str]:
     for o in overrides:
         args += ["--set", o]
     return args
+
+
+def test_provenance_names_changed_code_but_not_the_outputs_commands_write(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    for name in ("shortcut/train.py", "results/plans/a.json", "docs/planning.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results/plans/a.json").write_text("2\n")  # a command's own outputs
+    (tmp_path / "docs/planning.md").write_text("2\n")
+    assert git_provenance(tmp_path) == {"git_commit": head, "git_changes": []}
+    (tmp_path / "shortcut/train.py").write_text("2\n")
+    assert git_provenance(tmp_path) == {"git_commit": head + "-dirty", "git_changes": ["M shortcut/train.py"]}
 
 
 @pytest.mark.xdist_group("processes")  # xdist group: see conftest.py
