@@ -34,11 +34,13 @@ demo: $(STAMP)
 MALLOC = $(shell $(VENV)/bin/python -c "from orchestration.execution.cluster import CPU_MALLOC_TUNABLES as t; print(t)")
 
 # Two workers (CI has two cores; tests/conftest.py says which tests share one worker).
+PYTEST = GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+
 test: $(STAMP) $(REFERENCE)
-	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+	$(PYTEST)
 
 test-all: $(STAMP) $(REFERENCE)
-	GLIBC_TUNABLES=$(MALLOC) $(VENV)/bin/python -m pytest -n 2 --dist loadgroup -m ''
+	$(PYTEST) -m ''
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_throughput.py

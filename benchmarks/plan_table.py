@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--budget-s", type=float, default=1200, help="stop compiling after this many seconds")
     p.add_argument("--reuse", action="store_true", help="take a cell's compiled figures from an existing "
-                   "results/plans/ JSON of the same spec hash, made from a clean commit, instead of compiling it again")
+                   "results/plans/ JSON of the same spec hash, made from committed code (reusable), instead of "
+                   "compiling it again")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "planning.md")
     args = p.parse_args(argv)
 
