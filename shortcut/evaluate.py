@@ -213,9 +213,9 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
                 writer.write(start, images, labels)
             return images
 
+        stats_path = rundir / "eval" / f"{metric.name}_step{train_step}_{setting.key}_{ev.params}.npz"
         result = compute_sample_metrics(
-            batches, ev.num_samples, ev.batch_size, metric.reference, metric.net,
-            checkpoint_path=rundir / "eval" / f"{metric.name}_step{train_step}_{setting.key}_{ev.params}.npz",
+            batches, ev.num_samples, ev.batch_size, metric.reference, metric.net, checkpoint_path=stats_path,
             fingerprint=f"{spec.hash()}:{train_step}:{n}:{w}:{spec.seed + 1}:{ev.params}",
             progress=sys.stderr.isatty() and not os.environ.get("CI"),
             extra_references={name: ref for name, (ref, _, _) in metric.extra_references.items()})
@@ -230,6 +230,9 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
             **metric.provenance, "reference_stats_sha256": metric.reference_sha256,
             "reference_provenance": {k: v for k, v in metric.reference.provenance.items() if k != "noise_floor"},
             "noise_floor": _floor_summary(metric.floor(ev.num_samples)), "seconds": time.perf_counter() - t0,
+            # the samples' feature mean and covariance (the finished streaming checkpoint), for resampling the
+            # reference later (orchestration/reporting/reference_variance.py)
+            "feature_stats": str(stats_path.relative_to(rundir)),
         }
         for name in metric.extra_references:
             entry[f"noise_floor_{name}"] = _floor_summary(metric.floor(ev.num_samples, name))

@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shortcut import record as record_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +107,52 @@ def export_record(record: dict) -> dict:
     if record.get("evaluation_note"):
         out["evaluation_note"] = record["evaluation_note"]
     out["_grids"] = {n: info.get("grid") for n, info in (record.get("samples") or {}).items()}
+    out["_feature_stats"] = {i: Path(str(record.get("run_dir"))) / e["feature_stats"]
+                             for i, e in enumerate(out["evaluation"]) if e.get("feature_stats")}
     return out
+
+
+FEATURE_STATS = "feature_stats.npz"
+FEATURE_STATS_MAX_DIM = 256  # small enough to export (fd_digits' 64); FID's 2048-d statistics stay in the run dir
+
+
+def _export_feature_stats(exported: dict, stats: dict, assets: Path) -> None:
+    """Pack the evaluation entries' sample feature statistics (mean, covariance, count) into one compressed
+    file beside the record, and point each exported entry at its arrays ("feature_stats.npz:<key>")."""
+    from shortcut.evaluation.frechet import RunningStats
+
+    arrays = {}
+    exported["evaluation"] = [dict(e) for e in exported["evaluation"]]
+    for i, path in stats.items():
+        entry = exported["evaluation"][i]
+        entry.pop("feature_stats", None)
+        try:
+            running = RunningStats.load(path)
+        except (OSError, ValueError, KeyError):
+            continue
+        if running.dim > FEATURE_STATS_MAX_DIM or running.count < 2:
+            continue
+        key = Path(path).stem
+        arrays.update({f"{key}.mean": running.mean, f"{key}.cov": running.cov, f"{key}.count": np.int64(running.count)})
+        entry["feature_stats"] = f"{FEATURE_STATS}:{key}"
+    if arrays:
+        assets.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(assets / FEATURE_STATS, **arrays)
+
+
+def load_feature_stats(record: dict, entry: dict) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(mean, covariance, count) of an exported evaluation entry's samples, None when not exported."""
+    ref = entry.get("feature_stats") or ""
+    if ":" not in ref or not record.get("_assets_dir"):
+        return None
+    name, key = ref.split(":", 1)
+    path = Path(record["_assets_dir"]) / name
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        if f"{key}.mean" not in f.files:
+            return None
+        return np.asarray(f[f"{key}.mean"]), np.asarray(f[f"{key}.cov"]), int(f[f"{key}.count"])
 
 
 def write_export(exported: dict, dest: Path, flat: bool = False) -> Path:
@@ -113,9 +160,11 @@ def write_export(exported: dict, dest: Path, flat: bool = False) -> Path:
     else dest is the JSON path and the first samples go to a folder of the same name beside it."""
     exported = dict(exported)
     grids = exported.pop("_grids", {}) or {}
+    stats = exported.pop("_feature_stats", {}) or {}
     json_path = dest / "record.json" if flat else dest
     assets = dest if flat else dest.with_suffix("")
     exported["assets"] = "." if flat else assets.name
+    _export_feature_stats(exported, stats, assets)
     for n, grid in grids.items():
         image = first_sample(grid, exported["spec"]) if grid and Path(grid).is_file() else None
         if image is not None:
