@@ -56,6 +56,21 @@ def test_digits_run_reports_fd_digits_with_provenance(tmp_path):
     assert len(names) == len(set(names)) and {"fd_digits/4_steps_w2", "class_accuracy/4_steps_w1"} <= set(names)
     saved = json.loads((Path(record["run_dir"]) / "run.json").read_text())
     assert saved["evaluation"] == json.loads(json.dumps(record["evaluation"]))
+    # the export packs each entry's sample mean and covariance beside the record; they give its value back
+    from orchestration.reporting.reference_variance import cell_draws
+    from orchestration.reporting.results import export_run, load_exports, load_feature_stats
+    from shortcut.evaluation.digits_classifier import default_digits_net
+    from shortcut.evaluation.frechet import frechet_distance_of_samples
+
+    export_run(record, tmp_path / "results")
+    exported = load_exports(tmp_path / "results")[0]
+    ref = default_digits_net().reference_stats("heldout")
+    for entry in exported["evaluation"]:
+        mean, cov, count = load_feature_stats(exported, entry)
+        assert count == 40 and mean.shape == (64,) and cov.shape == (64, 64)
+        assert frechet_distance_of_samples(mean, cov, count, ref.mu, ref.sigma) == pytest.approx(entry["value"])
+    draws = cell_draws(exported, exported["evaluation"][-1])
+    assert draws.shape == (200,) and np.std(draws) > 0
 
     # --eval-only re-evaluates the latest checkpoint (step 6) from its cached statistics.
     again = run(spec, workdir=tmp_path, eval_only=True, log=lambda s: None)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from orchestration import make_tables
 from orchestration.reporting import findings, tables
@@ -55,7 +57,9 @@ def test_verdicts_with_intervals_floors_compute_and_matched_compute(tmp_path):
     assert lr128.ours_mean_diff == pytest.approx(-1 / 3) and lr128.ours_std_diff == pytest.approx(0.7637626)
     assert (lr128.ci_low, lr128.ci_high) == pytest.approx((-1 / 3 - 1.8973, -1 / 3 + 1.8973), abs=1e-4)
     assert lr128.verdict == "not resolved" and lr128.noise_floor == floor
-    # the observed mean (1/3) is above the floor: n seeds resolve it once t(n) x 0.7638 / sqrt(n) < 1/3, i.e.
+    # these records keep no feature statistics: no reference variance, so the interval is over seeds only
+    assert pd.isna(lr128.reference_std) and lr128.ci_method == "t(2.0) over 3 seeds"
+    # n seeds resolve it once t(n) x 0.7638 / sqrt(n) < 1/3, i.e.
     # t(n) / sqrt(n) < 0.4364: n = 22 gives 2.0796 / 4.690 = 0.4434, n = 23 gives 2.0739 / 4.796 = 0.4324
     assert lr128.seeds_to_resolve == 23
     assert (lr128.diff_seed_0, lr128.diff_seed_1, lr128.diff_seed_2) == pytest.approx((-0.5, 0.5, -1.0))
@@ -75,9 +79,12 @@ def test_verdicts_with_intervals_floors_compute_and_matched_compute(tmp_path):
     assert rows[("consistency_training", 4)].verdict == "no data: no run of Consistency Training"
 
     md = (root / "tables" / "table1_digits_fd_digits_findings.md").read_text()
-    assert "| Shortcut Models beat Live Reflow at 4 steps | 13.8 vs 27.2 | +3.00 [+2.50, +3.50] | 0.30 | holds | - | " \
+    # seeds' std of the mean: 0.2 / sqrt(3) = 0.115; no reference part
+    assert "| Shortcut Models beat Live Reflow at 4 steps | 13.8 vs 27.2 | +3.00 [+2.50, +3.50] | 0.12 / - | holds | - | " \
            "2.00 (differs) | holds: +13.00 [+12.50, +13.50] |" in md
-    assert "15 findings (15 checks): 1 hold, 0 are reversed, 2 are not resolved, 10 have no data" in md
+    # every check counted once: reflow's two one-seed checks have no interval (shortcut has no bootstrap spreads)
+    assert "15 findings (15 checks): 1 hold, 0 are reversed, 2 are not resolved (0 of them with both cells at the " \
+           "floor), 2 have no interval, 10 have no data" in md
     assert "every run trained 100 steps at batch 16 with DiT-tiny/2" in md
     assert "the paper's findings" in (root / "tables" / "index.md").read_text()
 
@@ -96,20 +103,69 @@ def test_one_seed_uses_the_bootstrap_interval():
     mean, low, high, how = c.interval
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - 1.959964 * 0.5, 2.0 + 1.959964 * 0.5))
     assert how.startswith("bootstrap") and c.verdict == "holds" and not c.compute_differs
-    # the same difference within the noise floor is not resolved, and no number of seeds resolves it
-    c = findings._pair(f, a, findings.Side({0: 4.0}, {0: 0.01}, {0: 1.0}, {}, 2.5), "Reflow", "")
-    assert c.verdict == "not resolved"
-    assert findings.seeds_to_resolve([2.0, 2.1], floor=2.5) is None
+    # a difference smaller than the floor is still resolved: the floor is a bias, not the noise of a difference
+    c = findings._pair(f, a, findings.Side({0: 4.0}, {0: 0.01}, {0: 1.0}, {}, 2.5, floor_std=0.1), "Reflow", "")
+    assert c.verdict == "holds"
+    # ... unless both cells are at the floor (within 2 floor stds of it): 2.0 and 2.6 against 2.5 +- 0.1 x 2
+    a_low = findings.Side({0: 2.6}, {0: 0.01}, {0: 1.0}, {}, 2.5, floor_std=0.1)
+    b_low = findings.Side({0: 2.0}, {0: 0.01}, {0: 1.0}, {}, 2.5, floor_std=0.1)
+    c = findings._pair(f, a_low, b_low, "Reflow", "")
+    assert a_low.at_floor and b_low.at_floor and c.verdict == findings.BOTH_AT_FLOOR
+    assert not findings.at_floor(2.71, 2.5, 0.1) and findings.at_floor(2.69, 2.5, 0.1)
+
+
+def test_the_reference_variance_widens_the_interval_by_satterthwaite():
+    f = findings.PaperFinding("reflow", 4, 5.0, 6.0)
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=200)  # every cell moves with the reference draw ...
+    own = {k: rng.normal(size=200) for k in range(6)}  # ... and each by its own amount
+    s = findings.Side({0: 1.0, 1: 1.5, 2: 2.0}, {}, {}, {}, None,
+                      ref_draws={k: 1.0 + shared + 0.5 * own[k] for k in range(3)}, ref_count=359)
+    o = findings.Side({0: 2.0, 1: 3.5, 2: 3.0}, {}, {}, {}, None,
+                      ref_draws={k: 2.0 + shared + 0.5 * own[k + 3] for k in range(3)}, ref_count=359)
+    c = findings._pair(f, s, o, "Reflow", "")
+    # the shared part cancels in the difference; what is left is the seed-mean of the own parts
+    mean_draws = np.mean([0.5 * own[k + 3] - 0.5 * own[k] for k in range(3)], axis=0)
+    assert c.ref_var == pytest.approx(np.var(mean_draws, ddof=1)) and c.ref_draws == 200
+    # diffs 1, 2, 1: mean 4/3, var 1/3; s^2/n = 1/9; Welch-Satterthwaite df from (1/9, 2 df) and (v_ref, 199 df)
+    seed_part, v = 1 / 9, c.ref_var
+    df = (seed_part + v) ** 2 / (seed_part ** 2 / 2 + v ** 2 / 199)
+    half = stats.t.ppf(0.975, df) * np.sqrt(seed_part + v)
+    mean, low, high, how = c.interval
+    assert (mean, low, high) == pytest.approx((4 / 3, 4 / 3 - half, 4 / 3 + half))
+    assert how == f"t({df:.1f}) over 3 seeds + reference (200 draws)"
+    # a reference variance that alone covers the mean: no number of seeds resolves it
+    assert findings.seeds_to_resolve([1.0, 2.0, 1.0], ref_var=(4 / 3 / 1.9) ** 2, draws=200) is None
+    assert findings.seeds_to_resolve([1.0, 2.0, 1.0], ref_var=(4 / 3 / 2.0) ** 2, draws=200) is not None
+    # the reference size at which 1.96 sqrt(v_ref) = |mean| (v_ref ~ 1 / size): 359 x 1.96^2 v / mean^2
+    assert findings.reference_needed(1.0, 0.5, 359) == int(np.ceil(359 * 1.959964 ** 2 * 0.5))
+
+
+def test_counts_add_up_to_the_checks():
+    f = findings.PaperFinding("reflow", 4, 5.0, 6.0)
+    side = lambda v, spread=None: findings.Side(v, {k: spread for k in v}, {}, {}, 1.0, floor_std=0.1)
+    checks = [findings._pair(f, side({0: 1.0, 1: 1.1}), side({0: 3.0, 1: 3.1}), "x", ""),  # holds
+              findings._pair(f, side({0: 3.0, 1: 3.1}), side({0: 1.5, 1: 1.7}), "x", ""),  # reversed
+              findings._pair(f, side({0: 1.0, 1: 1.1}), side({0: 1.05, 1: 1.0}), "x", ""),  # both at the floor
+              findings._pair(f, side({0: 2.0, 1: 3.0}), side({0: 3.0, 1: 2.0}), "x", ""),  # contains zero
+              findings._pair(f, side({0: 2.0}), side({0: 3.0}), "x", ""),  # one seed, no spreads
+              findings.Check(f, "", {}, "no run of X")]
+    assert [c.verdict for c in checks] == ["holds", "reversed", findings.BOTH_AT_FLOOR, "not resolved",
+                                           "no interval", "no data: no run of X"]
+    k = findings.counts(checks)
+    assert k == {"holds": 1, "reversed": 1, "not resolved": 2, "no interval": 1, "no data": 1, "at the floor": 1}
+    assert sum(k[v] for v in findings.VERDICTS) + k["no data"] == len(checks)
 
 
 def test_hand_computed_intervals_and_seed_counts():
     # diffs 1, 3: mean 2, std sqrt(2); t(0.975, n-1) sqrt(2) / sqrt(n) < 2 first at n = 5 (2.776 x 0.632 = 1.756)
-    assert findings.seeds_to_resolve([1.0, 3.0], floor=None) == 5
+    assert findings.seeds_to_resolve([1.0, 3.0]) == 5
     mean, low, high, _ = findings.interval([1.0, 2.0, 3.0])
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - 2.484138, 2.0 + 2.484138), abs=1e-5)
-    assert findings.verdict(+1, (2.0, 0.5, 3.5, ""), floor=1.0) == "holds"
-    assert findings.verdict(-1, (2.0, 0.5, 3.5, ""), floor=1.0) == "reversed"
-    assert findings.verdict(+1, (0.8, 0.5, 1.1, ""), floor=1.0) == "not resolved"  # within the floor
+    assert findings.verdict(+1, (2.0, 0.5, 3.5, "")) == "holds"
+    assert findings.verdict(-1, (2.0, 0.5, 3.5, "")) == "reversed"
+    assert findings.verdict(+1, (0.8, -0.5, 1.1, "")) == "not resolved"
+    assert findings.verdict(+1, (0.8, 0.5, 1.1, ""), both_at_floor=True) == findings.BOTH_AT_FLOOR
     # curves read linearly in log compute: halfway between 1e9 and 1e11 is 1e10
     assert findings.read_curve([(1e9, 10.0, None), (1e11, 2.0, None)], 1e10) == (pytest.approx(6.0), None)
     assert findings.read_curve([(1e9, 10.0, None), (1e11, 2.0, None)], 1e12) is None

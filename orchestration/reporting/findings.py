@@ -1,23 +1,38 @@
-"""The paper's pairwise findings, checked on our runs with statistical verdicts (written by make_tables).
+"""The paper's pairwise findings, checked on our runs with calibrated verdicts (written by make_tables).
 
 A finding is read off the paper's CelebA-HQ column of Table 1 (results/paper/table1.csv): shortcut
 models against each other method, at each step count where the paper prints neither cell in
 parentheses ("evaluation under conditions that the objective is not intended to support"), e.g.
 "Shortcut Models beat Flow Matching at 128 steps (6.9 vs 7.3)". Lower is better.
 
-On our runs, the difference of a seed is other - shortcut, paired by seed (the runs of one seed share
-their evaluation noise and, for students, their teacher). Reported: the mean difference and its 95 %
-interval, Student's t over the seeds (n >= 2), or with one seed the normal interval of the two values'
-bootstrap spreads over their samples. The verdict is one of three:
+The uncertainty model (docs/comparisons.md). The difference of a seed is other - shortcut, paired by seed
+(the runs of one seed share their teacher, for students). Three sources move it: the training seed and the
+generated samples, which the spread of the per-seed differences carries (variance s^2 over n seeds), and the
+draw of the reference images, which every seed and both sides share, so no spread over seeds can show it.
+Its variance v_ref is that of the seed-mean difference over B bootstrap resamplings of the reference images
+(the same draws for both sides and every seed; shortcut/evaluation/reference_bootstrap.py). The 95 % interval:
 
-  holds         the interval excludes zero, |mean| is above the metric's noise floor, and the sign is the paper's
-  reversed      the same, with the opposite sign
-  not resolved  the interval contains zero, or |mean| is within the noise floor (real data scores that much)
+  n >= 2   mean +- t(df) sqrt(s^2 / n + v_ref), df by Welch-Satterthwaite:
+           df = (s^2/n + v_ref)^2 / ((s^2/n)^2 / (n - 1) + v_ref^2 / (B - 1))   (n - 1 when v_ref is unknown)
+  n == 1   diff +- 1.96 sqrt(b_o^2 + b_s^2 + v_ref), b the two cells' bootstrap stds over their samples
+           (a training seed's own variation is then not in the interval)
 
-An unresolved finding says how many seeds would resolve it at the observed spread (none can when the
-difference is within the floor). Each finding also gives the compute ratio of the two sides (other /
-shortcut, teachers and pair generation included) and, where both runs have convergence curves, the same
-verdict read at matched compute: both curves at the smaller of the two runs' total compute.
+The verdict is one of:
+
+  holds         the interval excludes zero, with the paper's sign
+  reversed      the interval excludes zero, with the opposite sign
+  not resolved  the interval contains zero; or "not resolved: both at the floor", when both cells are within
+                twice the floor's std of the noise floor (as close to the reference as real data: the metric
+                cannot rank them)
+  no interval   one seed without bootstrap spreads
+
+The noise floor plays no other part: it is a bias every method carries (real data's distance to the finite
+reference), not the noise of a difference. Its error rates, and those of the earlier rule that used it as a
+threshold, are measured by simulation (orchestration/reporting/calibration.py). An unresolved finding says how
+many seeds would resolve it at the observed spread, or that none can because the reference's variance alone
+keeps zero inside (and what reference size would not). Each finding also gives the compute ratio of the two
+sides and, where both runs have convergence curves, the verdict read at matched compute (both curves at the
+smaller of the two runs' total compute; over seeds only, as curve points keep no feature statistics).
 """
 
 from __future__ import annotations
@@ -64,51 +79,83 @@ def paper_findings(paper: pd.DataFrame) -> list[PaperFinding]:
 
 Z95 = 1.959963984540054
 MAX_SEEDS = 1000
-VERDICTS = ("holds", "reversed", "not resolved")
+AT_FLOOR_STDS = 2.0  # a cell within this many of the floor's stds of the floor is "at the floor"
+BOTH_AT_FLOOR = "not resolved: both at the floor"
+VERDICTS = ("holds", "reversed", "not resolved", "no interval")  # BOTH_AT_FLOOR counts as not resolved
 
 
-def t_quantile(n: int) -> float:
-    """The 97.5 % quantile of Student's t with n - 1 degrees of freedom (n >= 2)."""
+def t_quantile(df: float) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom."""
     from scipy import stats
 
-    return float(stats.t.ppf(0.975, n - 1))
+    return float(stats.t.ppf(0.975, df))
 
 
-def interval(diffs: list[float], spreads: list[float | None] = ()) -> tuple[float, float, float, str] | None:
-    """(mean, low, high, how) of a 95 % interval of the mean difference: t over seeds for two or more, or
-    with one seed +- 1.96 x its bootstrap std (`spreads`); None when neither is possible."""
+def satterthwaite_df(seed_var_of_mean: float, ref_var: float, n: int, draws: int) -> float:
+    """Welch-Satterthwaite degrees of freedom of seed_var_of_mean (n - 1 df) + ref_var (draws - 1 df)."""
+    total = seed_var_of_mean + ref_var
+    denom = seed_var_of_mean ** 2 / (n - 1) + (ref_var ** 2 / (draws - 1) if draws > 1 else 0.0)
+    return float(n - 1) if denom <= 0 else total ** 2 / denom
+
+
+def interval(diffs: list[float], spreads: list[float | None] = (), ref_var: float | None = None,
+             draws: int = 0) -> tuple[float, float, float, str] | None:
+    """(mean, low, high, how) of the 95 % interval of the mean difference (the module docstring's formula);
+    `ref_var` the reference's variance of the seed-mean difference from `draws` resamplings (None: unknown,
+    the interval is over seeds only). None when no interval is possible."""
     n = len(diffs)
+    ref = f" + reference ({draws} draws)" if ref_var is not None else ""
+    v_ref = ref_var or 0.0
     if n >= 2:
-        mean, std = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
-        half = t_quantile(n) * std / np.sqrt(n)
-        return mean, mean - half, mean + half, f"t over {n} seeds"
+        mean, var = float(np.mean(diffs)), float(np.var(diffs, ddof=1))
+        df = satterthwaite_df(var / n, v_ref, n, draws) if ref_var is not None else float(n - 1)
+        half = t_quantile(df) * np.sqrt(var / n + v_ref)
+        return mean, mean - half, mean + half, f"t({df:.1f}) over {n} seeds{ref}"
     if n == 1 and spreads and spreads[0] is not None:
-        return diffs[0], diffs[0] - Z95 * spreads[0], diffs[0] + Z95 * spreads[0], "bootstrap over samples (1 seed)"
+        half = Z95 * np.sqrt(spreads[0] ** 2 + v_ref)
+        return diffs[0], diffs[0] - half, diffs[0] + half, f"bootstrap over samples (1 seed){ref}"
     return None
 
 
-def verdict(sign: int, ci: tuple[float, float, float, str] | None, floor: float | None) -> str:
-    """holds / reversed / not resolved (see the module docstring); 'no interval' without one."""
+def at_floor(value: float | None, floor: float | None, floor_std: float | None) -> bool:
+    """Whether a cell is as close to the reference as real data: value - floor < AT_FLOOR_STDS x floor std."""
+    if value is None or floor is None:
+        return False
+    return value - floor < AT_FLOOR_STDS * (floor_std or 0.0)
+
+
+def verdict(sign: int, ci: tuple[float, float, float, str] | None, both_at_floor: bool = False) -> str:
+    """holds / reversed / not resolved / not resolved: both at the floor / no interval (module docstring)."""
     if ci is None:
         return "no interval"
+    if both_at_floor:
+        return BOTH_AT_FLOOR
     mean, low, high, _ = ci
-    if low <= 0 <= high or (floor is not None and abs(mean) <= floor):
+    if low <= 0 <= high:
         return "not resolved"
     return "holds" if int(np.sign(mean)) == sign else "reversed"
 
 
-def seeds_to_resolve(diffs: list[float], floor: float | None) -> int | None:
-    """The fewest seeds whose t interval would exclude zero at the observed mean and spread; None when no
-    number can (the difference is within the noise floor, or there is no spread to extrapolate from)."""
+def seeds_to_resolve(diffs: list[float], ref_var: float | None = None, draws: int = 0) -> int | None:
+    """The fewest seeds whose interval would exclude zero at the observed mean, spread and reference variance;
+    None when no number can (the reference's variance alone keeps zero inside, or there is no spread)."""
     if len(diffs) < 2:
         return None
-    mean, std = abs(float(np.mean(diffs))), float(np.std(diffs, ddof=1))
-    if (floor is not None and mean <= floor) or mean == 0:
+    mean, var = abs(float(np.mean(diffs))), float(np.var(diffs, ddof=1))
+    v_ref = ref_var or 0.0
+    if mean == 0 or Z95 * np.sqrt(v_ref) >= mean:
         return None
     for n in range(2, MAX_SEEDS + 1):
-        if t_quantile(n) * std / np.sqrt(n) < mean:
+        df = satterthwaite_df(var / n, v_ref, n, draws) if ref_var is not None else float(n - 1)
+        if t_quantile(df) * np.sqrt(var / n + v_ref) < mean:
             return n
     return None
+
+
+def reference_needed(mean: float, ref_var: float, ref_count: int) -> int:
+    """The reference size at which the reference's share of the interval alone no longer reaches zero
+    (v_ref scales as 1 / size): ref_count x 1.96^2 v_ref / mean^2, rounded up."""
+    return int(np.ceil(ref_count * Z95 ** 2 * ref_var / mean ** 2))
 
 
 def read_curve(points: list[tuple[float, float, float | None]], compute: float) -> tuple[float, float | None] | None:
@@ -133,6 +180,13 @@ class Side:
     compute: dict  # seed -> total training FLOPs (or None)
     curves: dict  # seed -> [(compute, value, bootstrap std)]
     floor: float | None
+    floor_std: float | None = None
+    ref_draws: dict = dataclasses.field(default_factory=dict)  # seed -> the value against each reference draw [B]
+    ref_count: int | None = None  # images in the reference
+
+    @property
+    def at_floor(self) -> bool:
+        return bool(self.values) and at_floor(float(np.mean(list(self.values.values()))), self.floor, self.floor_std)
 
 
 @dataclasses.dataclass
@@ -147,6 +201,10 @@ class Check:
     matched: dict = dataclasses.field(default_factory=dict)  # seed -> difference at matched compute
     matched_spreads: dict = dataclasses.field(default_factory=dict)
     matched_note: str = ""
+    ref_var: float | None = None  # the reference's variance of the seed-mean difference
+    ref_draws: int = 0  # how many reference resamplings it comes from
+    ref_count: int | None = None
+    both_at_floor: bool = False
 
     @property
     def n(self) -> int:
@@ -162,15 +220,26 @@ class Check:
 
     @property
     def interval(self):
-        return interval(list(self.diffs.values()), list(self.spreads.values()))
+        return interval(list(self.diffs.values()), list(self.spreads.values()), self.ref_var, self.ref_draws)
 
     @property
     def verdict(self) -> str:
-        return ("no data: " + self.no_data) if not self.n else verdict(self.finding.sign, self.interval, self.floor)
+        return ("no data: " + self.no_data) if not self.n else verdict(self.finding.sign, self.interval,
+                                                                       self.both_at_floor)
 
     @property
     def seeds_needed(self) -> int | None:
-        return seeds_to_resolve(list(self.diffs.values()), self.floor)
+        return seeds_to_resolve(list(self.diffs.values()), self.ref_var, self.ref_draws)
+
+    @property
+    def seed_std_of_mean(self) -> float | None:
+        """sqrt(s^2 / n): the seeds' and samples' share of the mean difference's std."""
+        return None if self.std is None else self.std / np.sqrt(self.n)
+
+    @property
+    def reference_limited(self) -> bool:
+        """Whether the reference's variance alone keeps zero inside the interval (more seeds cannot help)."""
+        return self.ref_var is not None and self.mean is not None and Z95 * np.sqrt(self.ref_var) >= abs(self.mean)
 
     @property
     def matched_interval(self):
@@ -180,7 +249,7 @@ class Check:
     def matched_verdict(self) -> str:
         if not self.matched:
             return "n/a" + (f": {self.matched_note}" if self.matched_note else "")
-        return verdict(self.finding.sign, self.matched_interval, self.floor)
+        return verdict(self.finding.sign, self.matched_interval)
 
     @property
     def compute_differs(self) -> bool:
@@ -195,7 +264,11 @@ def _pair(f: PaperFinding, s: Side, o: Side, label: str, why_missing: str) -> Ch
     floors = [x for x in (s.floor, o.floor) if x is not None]
     ratios = [o.compute[k] / s.compute[k] for k in seeds if o.compute.get(k) and s.compute.get(k)]
     check = Check(f, label, diffs, "" if diffs else why_missing, spreads, max(floors) if floors else None,
-                  float(np.mean(ratios)) if len(ratios) == len(seeds) and ratios else None)
+                  float(np.mean(ratios)) if len(ratios) == len(seeds) and ratios else None,
+                  both_at_floor=s.at_floor and o.at_floor, ref_count=s.ref_count)
+    if seeds and all(k in s.ref_draws and k in o.ref_draws for k in seeds):
+        mean_draws = np.mean([np.asarray(o.ref_draws[k]) - np.asarray(s.ref_draws[k]) for k in seeds], axis=0)
+        check.ref_var, check.ref_draws = float(np.var(mean_draws, ddof=1)), len(mean_draws)
     notes = set()
     for k in seeds:
         cs, co = s.curves.get(k) or [], o.curves.get(k) or []
@@ -242,6 +315,10 @@ def statement(f: PaperFinding, name: Callable[[str], str]) -> str:
            f"step{'s' if f.num_steps > 1 else ''}"
 
 
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _ci_text(ci) -> str:
     return "-" if ci is None else f"{ci[0]:+.2f} [{ci[1]:+.2f}, {ci[2]:+.2f}]"
 
@@ -255,6 +332,8 @@ def to_frame(checks: list[Check], name: Callable[[str], str]) -> pd.DataFrame:
             "paper_shortcut": c.finding.shortcut, "paper_other": c.finding.other, "paper_sign": c.finding.sign,
             "ours": c.ours, "ours_mean_diff": c.mean, "ours_std_diff": c.std, "ours_n": c.n,
             "ci_low": ci[1] if ci else None, "ci_high": ci[2] if ci else None, "ci_method": ci[3] if ci else "",
+            "seed_std_of_mean": c.seed_std_of_mean, "reference_std": None if c.ref_var is None else
+            float(np.sqrt(c.ref_var)), "reference_draws": c.ref_draws, "both_at_floor": c.both_at_floor,
             "noise_floor": c.floor, "verdict": c.verdict, "seeds_to_resolve": c.seeds_needed,
             "compute_ratio": c.compute_ratio, "compute_differs": c.compute_differs,
             "matched_mean_diff": mci[0] if mci else None, "matched_ci_low": mci[1] if mci else None,
@@ -266,16 +345,22 @@ def to_frame(checks: list[Check], name: Callable[[str], str]) -> pd.DataFrame:
 def _resolve_text(c: Check) -> str:
     if c.verdict != "not resolved":
         return ""
-    if c.floor is not None and c.mean is not None and abs(c.mean) <= c.floor:
-        return "none: within the floor"
+    if c.reference_limited:
+        size = f"; a reference of {reference_needed(c.mean, c.ref_var, c.ref_count)} images would" \
+            if c.ref_count and c.mean else ""
+        return f"none: more seeds cannot resolve this{size}"
     k = c.seeds_needed
     return "-" if k is None and c.n < 2 else (f"{k}" if k is not None else f"> {MAX_SEEDS}")
 
 
 def counts(checks: list[Check]) -> dict:
-    """How many checks hold, are reversed, are not resolved, have no data."""
-    out = {v: sum(c.verdict == v for c in checks) for v in VERDICTS}
-    out["no data"] = sum(c.n == 0 for c in checks)
+    """How many checks hold, are reversed, are not resolved (both at the floor among them: "at the floor"),
+    have no interval, have no data: every check in exactly one of the first five."""
+    verdicts = [c.verdict for c in checks]
+    out = {"holds": verdicts.count("holds"), "reversed": verdicts.count("reversed"),
+           "not resolved": sum(v.startswith("not resolved") for v in verdicts),
+           "no interval": verdicts.count("no interval"), "no data": sum(v.startswith("no data") for v in verdicts)}
+    out["at the floor"] = verdicts.count(BOTH_AT_FLOOR)
     return out
 
 
@@ -284,25 +369,36 @@ def to_markdown(checks: list[Check], dataset: str, ours_tag: str, name: Callable
     findings = {c.finding for c in checks}
     lines = [f"## {dataset}: the paper's findings (Table 1, CelebA-HQ, FID-50k), checked on ours ({ours_tag})", "",
              "| # | Paper's finding | Paper: shortcut vs other | Ours: other - shortcut, mean [95 % interval] | "
-             "Noise floor | Verdict | Seeds to resolve | Compute other / shortcut | At matched compute |",
-             "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+             "Std of the mean: seeds / reference | Verdict | Seeds to resolve | Compute other / shortcut | "
+             "At matched compute |",
+             "| ---: | --- | ---: | ---: | ---: | --- | --- | ---: | --- |"]
     for i, c in enumerate(checks, 1):
         f = c.finding
         what = statement(f, name) + (f" [{c.ours}]" if c.ours and c.ours != name(f.method) else "")
         ratio = "-" if c.compute_ratio is None else f"{c.compute_ratio:.2f}" + (" (differs)" if c.compute_differs
                                                                                 else "")
         matched = c.matched_verdict if not c.matched else f"{c.matched_verdict}: {_ci_text(c.matched_interval)}"
+        parts = f"{_number(c.seed_std_of_mean)} / {_number(None if c.ref_var is None else np.sqrt(c.ref_var))}"
         lines.append(f"| {i} | {what} | {f.shortcut:.1f} vs {f.other:.1f} | {_ci_text(c.interval)} | "
-                     f"{'-' if c.floor is None else f'{c.floor:.2f}'} | {c.verdict} | {_resolve_text(c) or '-'} | "
-                     f"{ratio} | {matched} |")
+                     f"{parts} | {c.verdict} | {_resolve_text(c) or '-'} | {ratio} | {matched} |")
     k = counts(checks)
+    floors = {round(c.floor, 2) for c in checks if c.floor is not None}
     lines += ["", f"- Of the paper's {len(findings)} findings ({len(checks)} checks): {k['holds']} hold, "
-              f"{k['reversed']} are reversed, {k['not resolved']} are not resolved, {k['no data']} have no data.",
+              f"{k['reversed']} are reversed, {k['not resolved']} are not resolved ({k['at the floor']} of them with "
+              f"both cells at the floor), {k['no interval']} have no interval, {k['no data']} have no data.",
               "- Lower is better; our difference is other - shortcut per seed (positive: shortcut better). The "
-              "interval is Student's t over the seeds, or with one seed +- 1.96 bootstrap stds over the samples. "
-              "A finding holds (or is reversed) only when its interval excludes zero and the difference exceeds "
-              "the metric's noise floor (real images against the same reference at the same sample count); "
-              "otherwise it is not resolved, with the seeds that would resolve it at the observed spread.",
+              "95 % interval is mean +- t(df) sqrt(s^2/n + v_ref): s^2/n the seeds' (and their samples') variance "
+              "of the mean, v_ref the reference's, from resampling the reference images (the same draws for both "
+              "sides and every seed), df by Welch-Satterthwaite; with one seed +- 1.96 sqrt(both cells' bootstrap "
+              "variances + v_ref). A finding holds (or is reversed) when its interval excludes zero; otherwise it "
+              "is not resolved, with the seeds that would resolve it at the observed spread, or 'none' when the "
+              "reference's variance alone keeps zero inside. Error rates of this rule, measured by simulation: "
+              "docs/comparisons.md.",
+              "- The noise floor (real images against the same reference at the same sample count"
+              + (f": {', '.join(f'{x:.2f}' for x in sorted(floors))}" if floors else "") + ") is a bias every "
+              "method carries, not a threshold: it only marks findings whose two cells are both within "
+              f"{AT_FLOOR_STDS:g} floor stds of it ('both at the floor': the metric cannot rank methods that "
+              "match real data).",
               "- Compute: total training FLOPs (XLA cost analysis x steps; a student's teacher and pair "
               "generation included), other / shortcut; '(differs)' marks more than 10 % apart. At matched "
               "compute: both runs' convergence curves read at the smaller total compute of the two."]

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from orchestration.reporting import findings as findings_lib
+from orchestration.reporting import reference_variance
 from shortcut import methods
 
 MISSING = "-"
@@ -58,22 +59,34 @@ def metric_tag(metric: str, counts) -> str:
 # ------------------------------------------------------------------------------------------- data
 
 
+def last_entries(rec: dict) -> list[tuple[dict, bool]]:
+    """A record's evaluation entries at its last evaluated training step, each with whether it is the first
+    guidance scale of its (metric, step count): the one that fills that step count's column."""
+    evals = [e for e in rec.get("evaluation") or [] if isinstance(e.get("value"), (int, float))]
+    if not evals:
+        return []
+    last = max(int(e["train_step"]) for e in evals)
+    out, seen = [], set()
+    for e in evals:
+        if int(e["train_step"]) == last:
+            out.append((e, (e["metric"], int(e["num_steps"])) not in seen))
+            seen.add((e["metric"], int(e["num_steps"])))
+    return out
+
+
+def table_entries(rec: dict, metric: str) -> list[dict]:
+    """The entries of a record that fill its row's step-count columns for `metric`."""
+    return [e for e, first in last_entries(rec) if first and e["metric"] == metric]
+
+
 def our_values(records: list[dict]) -> pd.DataFrame:
     """One line per (run, metric, steps, scale column): the evaluation at the run's last evaluated training
     step. `scale_column` is "" for the first guidance scale of a step count (its N-step column) and
     "w = <w>" for each further scale the spec evaluates that step count at (an extra column)."""
     rows = []
     for rec in records:
-        evals = [e for e in rec.get("evaluation") or [] if isinstance(e.get("value"), (int, float))]
-        if not evals:
-            continue
-        last = max(int(e["train_step"]) for e in evals)
-        seen: set = set()
-        for e in evals:
-            if int(e["train_step"]) != last:
-                continue
-            first = (e["metric"], int(e["num_steps"])) not in seen
-            seen.add((e["metric"], int(e["num_steps"])))
+        for e, first in last_entries(rec):
+            last = int(e["train_step"])
             rows.append({"scale_column": "" if first else f"w = {float(e['cfg_scale']):g}",
                          "dataset": rec["dataset"], "metric": e["metric"], "method": rec["method"],
                          "arch": rec["arch"], "config": rec["config_hash"], "name": rec["name"],
@@ -82,11 +95,12 @@ def our_values(records: list[dict]) -> pd.DataFrame:
                          "cfg_scale": e.get("cfg_scale"), "finished": rec.get("finished") or "",
                          "bootstrap_std": e.get("bootstrap_std"),
                          "noise_floor": (e.get("noise_floor") or {}).get("value"),
+                         "noise_floor_std": (e.get("noise_floor") or {}).get("std"),
                          "memorisation": e.get("memorisation"),
                          "total_flops": (rec.get("compute") or {}).get("total_flops")})
     columns = ["dataset", "metric", "method", "arch", "config", "name", "seed", "spec_hash", "num_steps", "value",
                "num_samples", "train_step", "cfg_scale", "finished", "scale_column", "bootstrap_std", "noise_floor",
-               "memorisation", "total_flops"]
+               "noise_floor_std", "memorisation", "total_flops"]
     df = pd.DataFrame(rows, columns=columns)
     # the same run twice (e.g. two MLflow runs of one spec): keep the latest
     df = df.sort_values("finished").drop_duplicates(["config", "seed", "metric", "num_steps", "scale_column"],
@@ -118,6 +132,9 @@ class Row:
     extra: dict = dataclasses.field(default_factory=dict)  # (steps, scale column) -> (mean, std, n): further w
     spreads: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: bootstrap std of the value}
     floors: dict = dataclasses.field(default_factory=dict)  # steps -> the metric's noise floor
+    floor_stds: dict = dataclasses.field(default_factory=dict)  # steps -> the floor's std over its draws
+    ref_draws: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: value at each reference draw}
+    ref_count: int | None = None  # images in the reference
     compute: dict = dataclasses.field(default_factory=dict)  # seed -> total training FLOPs
     curves: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: [(FLOPs, value, bootstrap std)]}
     memorisation: dict = dataclasses.field(default_factory=dict)  # steps -> mean memorisation score
@@ -125,7 +142,8 @@ class Row:
     def side(self, num_steps: int) -> findings_lib.Side:
         """This row at one step count, per seed, as a finding reads it."""
         return findings_lib.Side(self.per_seed.get(num_steps, {}), self.spreads.get(num_steps, {}), self.compute,
-                                 self.curves.get(num_steps, {}), self.floors.get(num_steps))
+                                 self.curves.get(num_steps, {}), self.floors.get(num_steps),
+                                 self.floor_stds.get(num_steps), self.ref_draws.get(num_steps, {}), self.ref_count)
 
     def converged(self, num_steps: int) -> bool | None:
         """Whether doubling the training compute moved the seed-mean curve by less than the noise floor: its
@@ -219,10 +237,10 @@ MARK_FLOOR, MARK_CONVERGED, MARK_MOVING = "≈", "✓", "↘"
 
 
 def cell_marks(r: Row, num_steps: int, mean: float) -> str:
-    """' ≈' when the cell is within the metric's noise floor; ' ✓' when its curve has converged (last two
-    points closer than the floor), ' ↘' when it is still moving; nothing where there is no curve."""
-    floor = r.floors.get(num_steps)
-    marks = MARK_FLOOR if floor is not None and mean <= floor else ""
+    """' ≈' when the cell is at the metric's noise floor (findings.at_floor: within twice the floor's std of
+    it); ' ✓' when its curve has converged (last two points closer than the floor), ' ↘' when it is still
+    moving; nothing where there is no curve."""
+    marks = MARK_FLOOR if findings_lib.at_floor(mean, r.floors.get(num_steps), r.floor_stds.get(num_steps)) else ""
     converged = r.converged(num_steps)
     marks += "" if converged is None else (MARK_CONVERGED if converged else MARK_MOVING)
     return f" {marks}" if marks else ""
@@ -243,8 +261,10 @@ def floor_note(records: list[dict], ds: str, metric: str) -> str | None:
              f"{f.get('source') or 'unknown source'}{'; ' + f['note'] if f.get('note') else ''})"
              for n, f in sorted(floors.items())]
     return (f"Noise floor of {metric} (real images against the same reference): " + "; ".join(parts) +
-            f". {MARK_FLOOR} marks a cell within it (as good as real data at this sample count); a difference "
-            f"below it is not resolved. {MARK_CONVERGED} marks a cell whose convergence curve (seed mean) moved "
+            f". {MARK_FLOOR} marks a cell at the floor (less than {findings_lib.AT_FLOOR_STDS:g} of the floor's stds "
+            f"above it: as close to the reference as real data at this sample count). The floor is a bias every "
+            f"cell carries, not the noise of a difference: findings use intervals (docs/comparisons.md). "
+            f"{MARK_CONVERGED} marks a cell whose convergence curve (seed mean) moved "
             f"less than the floor when the training compute doubled (its last point against the one at half its "
             f"compute), {MARK_MOVING} one still moving.")
 
@@ -296,14 +316,23 @@ def _row_evidence(primary: pd.DataFrame, records: list[dict], metric: str) -> di
                for n, v in primary.groupby("num_steps")}
     floors = {int(n): max((f for f in map(_number, v["noise_floor"]) if f is not None), default=None)
               for n, v in primary.groupby("num_steps")}
+    floor_stds = {int(n): max((f for f in map(_number, v["noise_floor_std"]) if f is not None), default=None)
+                  for n, v in primary.groupby("num_steps")}
     memorisation = {int(n): float(np.mean(m)) for n, v in primary.groupby("num_steps")
                     for m in [[x for x in map(_number, v["memorisation"]) if x is not None]] if m}
     compute = {int(s): _number(c) for s, c in zip(primary["seed"], primary["total_flops"])}
     hashes = set(primary["spec_hash"])
     curves: dict[int, dict[int, list]] = {}
+    ref_draws: dict[int, dict[int, np.ndarray]] = {}
+    ref_count = None
     for rec in records:
         if rec["spec_hash"] not in hashes:
             continue
+        for e in table_entries(rec, metric):
+            draws = reference_variance.cell_draws(rec, e)
+            if draws is not None:
+                ref_draws.setdefault(int(e["num_steps"]), {})[int(rec["seed"])] = draws
+                ref_count = reference_variance.reference_size(str(e["reference"]))
         for p in rec.get("curve") or []:
             if p.get("metric") == metric and p.get("compute_flops"):
                 curves.setdefault(int(p["num_steps"]), {}).setdefault(int(rec["seed"]), []).append(
@@ -311,7 +340,8 @@ def _row_evidence(primary: pd.DataFrame, records: list[dict], metric: str) -> di
     for by_seed in curves.values():
         for points in by_seed.values():
             points.sort()
-    return {"spreads": spreads, "floors": floors, "compute": compute, "curves": curves, "memorisation": memorisation}
+    return {"spreads": spreads, "floors": floors, "floor_stds": floor_stds, "compute": compute, "curves": curves,
+            "memorisation": memorisation, "ref_draws": ref_draws, "ref_count": ref_count}
 
 
 def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list[dict],
