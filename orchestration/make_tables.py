@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="read finished runs from this MLflow server instead of results/runs/")
     p.add_argument("--export", nargs="+", metavar="RUN_OR_WORK_DIR",
                    help="first export the finished runs at or below these directories into results/runs/")
+    p.add_argument("--replace-record", action="store_true",
+                   help="with --export: replace committed results records of the same spec hash (kept by default)")
     p.add_argument("--include-smoke", action="store_true", help="also use --smoke runs (mock data)")
     p.add_argument("--out", help="where tables/ and figures/ go (default: the results folder)")
     p.add_argument("--metric", help=f"tables of this metric only: a run's metric (fid, fd_digits) or a score "
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = Path(args.results_dir) if args.results_dir else results_lib.default_results_dir()
     for path in args.export or []:
-        for f in results_lib.export_tree(path, root, include_smoke=args.include_smoke):
+        for f in results_lib.export_tree(path, root, include_smoke=args.include_smoke, replace=args.replace_record):
             print(f"exported {f}")
     if args.tracking_uri:
         records = results_lib.records_from_mlflow(args.tracking_uri, include_smoke=args.include_smoke)

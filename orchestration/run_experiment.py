@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the local tracking server running after the run (stop it with --stop-tracking-server)")
     t.add_argument("--stop-tracking-server", action="store_true",
                    help="stop the local tracking server of --workdir (default runs/) and exit")
+    t.add_argument("--replace-record", action="store_true",
+                   help="export over a committed results record of the same spec hash (by default it is kept, and "
+                        "this run's record stays in its run directory; a table rerun from a clean commit replaces "
+                        "its own records)")
     t.add_argument("--results-dir", help="where a finished run exports its results record (default: "
                    "$SHORTCUT_RESULTS_DIR, else results/)")
     return p
@@ -185,7 +189,8 @@ def _launch_kwargs(args, workdir: str) -> dict:
     tracking = Tracking.from_flags(no_tracking=args.no_tracking, uri=args.tracking_uri,
                                    keep_server=args.keep_tracking_server)
     return {"workdir": workdir, "eval_only": args.eval_only, "tracking": tracking,
-            "results_dir": str(results.expanduser().resolve()), "on_locked": "wait" if args.wait else "fail"}
+            "results_dir": str(results.expanduser().resolve()), "on_locked": "wait" if args.wait else "fail",
+            "replace_record": args.replace_record}
 
 
 def _run_one(args, spec, address: str | None) -> int:
@@ -211,6 +216,10 @@ def _run_one(args, spec, address: str | None) -> int:
         print(result["summary"])
         if result.get("exported"):
             print(f"  results record: {result['exported']}")
+        if result.get("kept_record"):
+            from orchestration.execution.worker import kept_lines
+
+            print("\n".join(kept_lines(result)))
         if not record.finished(result):
             return 1
     return 0
@@ -281,6 +290,11 @@ def _run_table(args, address: str | None) -> int:
     if args.smoke:  # mock-data runs are never exported into results/: their tables go under the work directory
         kwargs["results_dir"] = str(workdir / "results")
     kwargs["on_locked"] = "record"  # a run directory in use elsewhere: wait for that run's record (graph.py)
+    if not args.replace_record:  # a table rerun from a clean commit replaces its own committed records
+        from shortcut.record import git_provenance
+
+        prov = git_provenance()
+        kwargs["replace_record"] = not prov["git_changes"] and prov["git_commit"] != "unknown"
     if args.in_process:
         print("error: a table runs on Ray; --in-process is for single experiments", file=sys.stderr)
         return 2
@@ -292,7 +306,7 @@ def _run_table(args, address: str | None) -> int:
     t0 = time.time()
     nodes = graph.execute(table, nodes, workdir=workdir, launch_kwargs=kwargs)
     print(graph.summary(table, nodes, time.time() - t0))
-    tables_args = ["--results-dir", kwargs["results_dir"]]
+    tables_args = ["--results-dir", kwargs["results_dir"]] + (["--replace-record"] if kwargs["replace_record"] else [])
     if args.smoke:
         tables_args += ["--include-smoke", "--export", str(workdir)]
     else:  # also finished runs of an earlier invocation whose export went elsewhere

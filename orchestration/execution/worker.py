@@ -109,22 +109,25 @@ def enable_compilation_cache(workdir: str) -> None:
 
 def execute(spec_tree: dict, *, workdir: str, eval_only: bool = False,
             tracking: Tracking = Tracking(), results_dir: str | None = None, hooks: tuple = (),
-            distributed: Distributed | None = None, on_locked: str = "fail") -> dict:
+            distributed: Distributed | None = None, on_locked: str = "fail", replace_record: bool = False) -> dict:
     """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
     propagate with their message; the run record in the run directory says how the run ended.
-    `on_locked`: what to do when another process holds the run directory (shortcut.run.run)."""
+    `on_locked`: what to do when another process holds the run directory (shortcut.run.run).
+    `replace_record`: export over a committed results record of the same spec hash (else it is kept)."""
     from orchestration.execution import cpu_slots
 
     cpu_slots.pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
     try:
         return _execute(spec_tree, workdir=workdir, eval_only=eval_only, tracking=tracking,
-                        results_dir=results_dir, hooks=hooks, distributed=distributed, on_locked=on_locked)
+                        results_dir=results_dir, hooks=hooks, distributed=distributed, on_locked=on_locked,
+                        replace_record=replace_record)
     finally:
         cpu_slots.release()  # before Ray hears the run ended and starts the next one on this core
 
 
 def _execute(spec_tree: dict, *, workdir: str, eval_only: bool, tracking: Tracking,
-             results_dir: str | None, hooks: tuple, distributed: Distributed | None, on_locked: str) -> dict:
+             results_dir: str | None, hooks: tuple, distributed: Distributed | None, on_locked: str,
+             replace_record: bool) -> dict:
     if distributed is not None:
         init_distributed(distributed)
     import jax
@@ -145,21 +148,53 @@ def _execute(spec_tree: dict, *, workdir: str, eval_only: bool, tracking: Tracki
         listeners.close()
     result = outcome(record, tracked=tracker is not None and tracking.enabled)
     if lead and record["status"] == "finished":
-        result["exported"] = export(record, results_dir)
+        result.update(export(record, results_dir, replace=replace_record))
     return result
 
 
-def export(record: dict, results_dir: str | None) -> str | None:
-    """Export a finished run's results record for make_tables; a failure here never fails the run."""
-    from orchestration.reporting.results import export_run
+def export(record: dict, results_dir: str | None, replace: bool = False) -> dict:
+    """Export a finished run's results record for make_tables: {"exported": path}, or {"kept_record": ...}
+    when a committed record of the same spec hash stays (see kept_lines); a failure never fails the run."""
+    from orchestration.reporting.results import KeptRecord, export_run
 
     try:
-        path = export_run(record, results_dir)
+        path = export_run(record, results_dir, replace=replace)
+    except KeptRecord as kept:
+        return {"kept_record": {"path": str(kept.path), "git_commit": kept.committed.get("git_commit"),
+                                "evaluation": kept.committed.get("evaluation") or []}}
     except Exception as e:  # noqa: BLE001
         print(f"warning: results record not exported ({type(e).__name__}: {e}); "
               f"later: make_tables --export {record['run_dir']}", file=sys.stderr)
-        return None
-    return str(path) if path else None
+        return {}
+    return {"exported": str(path)} if path else {}
+
+
+def kept_lines(result: dict) -> list[str]:
+    """What the driver says when a run kept a committed record: that it did, and the committed numbers
+    beside this run's, step count by step count."""
+    kept = result["kept_record"]
+    commit = str(kept.get("git_commit") or "unknown")[:7]
+
+    def values(entries: list[dict]) -> dict[int, float]:
+        last = max((e["train_step"] for e in entries), default=None)
+        out: dict[int, float] = {}
+        for e in entries:
+            if e["train_step"] == last and isinstance(e.get("value"), (int, float)):
+                out.setdefault(int(e["num_steps"]), float(e["value"]))
+        return out
+
+    ours, committed = values(result.get("evaluation") or []), values(kept["evaluation"])
+    steps = [n for n in ours if n in committed]
+    lines = [f"  kept the committed record of {commit}: {kept['path']}; this run's record: "
+             f"{result['run_dir']}/run.json; --replace-record to replace it"]
+    if steps:
+        metric = next((e["metric"] for e in result.get("evaluation") or []), "metric")
+        lines.append(f"  {metric} at {' / '.join(map(str, steps))} steps: this run "
+                     f"{' / '.join(f'{ours[n]:.3f}' for n in steps)}; committed "
+                     f"{' / '.join(f'{committed[n]:.3f}' for n in steps)} from {commit} "
+                     f"(largest difference {max(abs(ours[n] - committed[n]) for n in steps):.3f}; docs/running.md, "
+                     "'Determinism', says when runs agree bitwise)")
+    return lines
 
 
 def outcome(record: dict, *, tracked: bool = True) -> dict[str, Any]:

@@ -175,16 +175,63 @@ def write_export(exported: dict, dest: Path, flat: bool = False) -> Path:
     return json_path
 
 
+def export_path(record: dict, results_dir: str | Path | None = None) -> Path:
+    """Where a run's results record goes: results/runs/<name>/<hash12>.json."""
+    root = Path(results_dir) if results_dir else default_results_dir()
+    return root / "runs" / record["name"] / f"{record['spec_hash'][:12]}.json"
+
+
+def _git_tracked(path: Path) -> bool | None:
+    """Whether git tracks `path` in its checkout; None when `path` is in no git checkout (or git is missing)."""
+    import subprocess
+
+    try:
+        inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=path.parent, capture_output=True,
+                                text=True, timeout=10)
+        if inside.returncode != 0 or inside.stdout.strip() != "true":
+            return None
+        return subprocess.run(["git", "ls-files", "--error-unmatch", path.name], cwd=path.parent,
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def committed_record(path: Path) -> dict | None:
+    """The results record at `path` when it is a committed result, which a new run must not replace unasked:
+    git tracks it, or, outside a git checkout, it was made from a clean commit. None otherwise."""
+    existing = record_lib.read(path) if path.is_file() else None
+    if not existing:
+        return None
+    tracked = _git_tracked(path)
+    if tracked is None:
+        commit = str(existing.get("git_commit") or "")
+        tracked = bool(commit) and commit != "unknown" and not commit.endswith("-dirty") and \
+            not existing.get("git_changes")
+    return existing if tracked else None
+
+
+class KeptRecord(Exception):
+    """A committed results record of the same spec hash was kept (export_run with replace=False)."""
+
+    def __init__(self, path: Path, committed: dict):
+        self.path, self.committed = path, committed
+        super().__init__(f"kept the committed record of {str(committed.get('git_commit'))[:7]}: {path}")
+
+
 def export_run(record: dict | str | Path, results_dir: str | Path | None = None, *,
-               include_smoke: bool = False) -> Path | None:
+               include_smoke: bool = False, replace: bool = False) -> Path | None:
     """Export a finished run (a record, or a run directory / run.json path) into results/runs/.
-    Returns the JSON path, or None for runs that are not finished or are --smoke runs."""
+    Returns the JSON path, or None for runs that are not finished or are --smoke runs. A committed record of
+    the same spec hash (committed_record) is only replaced with `replace`; otherwise KeptRecord is raised and
+    nothing is written (the run's own record stays in its run directory)."""
     if not isinstance(record, dict):
         record = record_lib.read(record) or {}
     if record.get("status") != "finished" or (record.get("smoke") and not include_smoke):
         return None
-    root = Path(results_dir) if results_dir else default_results_dir()
-    dest = root / "runs" / record["name"] / f"{record['spec_hash'][:12]}.json"
+    dest = export_path(record, results_dir)
+    committed = None if replace else committed_record(dest)
+    if committed is not None:
+        raise KeptRecord(dest, committed)
     return write_export(export_record(record), dest)
 
 
@@ -197,15 +244,23 @@ def find_run_records(path: str | Path) -> list[Path]:
     return [f for f in sorted(path.rglob("run.json")) if "mlflow" not in f.relative_to(path).parts[:-1]]
 
 
-def export_tree(path: str | Path, results_dir: str | Path | None = None, *, include_smoke: bool = False) -> list[Path]:
-    """Export every finished run.json at or below `path` (a run directory or a work directory)."""
+def export_tree(path: str | Path, results_dir: str | Path | None = None, *, include_smoke: bool = False,
+                replace: bool = False) -> list[Path]:
+    """Export every finished run.json at or below `path` (a run directory or a work directory); a committed
+    record of the same spec hash is kept (and said so on stderr) unless `replace`."""
+    import sys
+
     out = []
     for f in find_run_records(path):
         try:
             record = json.loads(f.read_text())
         except ValueError:
             continue
-        written = export_run(record, results_dir, include_smoke=include_smoke)
+        try:
+            written = export_run(record, results_dir, include_smoke=include_smoke, replace=replace)
+        except KeptRecord as kept:
+            print(f"{record['name']}: {kept}; this run's record: {f}; --replace-record to replace it", file=sys.stderr)
+            continue
         if written:
             out.append(written)
     return out
