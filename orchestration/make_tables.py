@@ -33,7 +33,7 @@ import pandas as pd
 
 from orchestration.reporting import findings as findings_lib
 from orchestration.reporting import results as results_lib
-from orchestration.reporting.figures import plot_curves, plot_steps, sample_figure
+from orchestration.reporting.figures import budget_ranking, plot_budget, plot_curves, plot_steps, sample_figure
 from orchestration.reporting.tables import (SCORES, Table, build_tables, method_name, to_csv, to_latex, to_markdown,
                                            values_frame)
 
@@ -81,6 +81,24 @@ def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Pa
     return written
 
 
+def write_budget(records: list[dict], longer: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """A budget study beside each table it shares a dataset and metric with (figures.plot_budget,
+    figures.budget_ranking)."""
+    written = []
+    by_key = {(t.dataset, t.metric): t for t in build_tables(longer, paper)}
+    for t in build_tables(records, paper):
+        b = by_key.get((t.dataset, t.metric))
+        if b is None or not any(r.per_seed for r in b.rows):
+            continue
+        fig = plot_budget(t, b, out_dir / "figures" / f"budget_{t.dataset}_{t.metric}.png")
+        steps = sorted({int(x["train"]["steps"]) for x in longer if x["dataset"] == t.dataset})
+        md = out_dir / "tables" / f"budget_{t.dataset}_{t.metric}.md"
+        md.write_text(f"## {t.dataset}: the budget study ({', '.join(map(str, steps))} training steps) beside the "
+                      f"table\n\n" + "".join(budget_ranking(t, b, n) + "\n" for n in (1, 4)))
+        written += [p for p in (fig, md) if p]
+    return written
+
+
 def write_findings(t: Table, records: list[dict], paper: pd.DataFrame, tables_dir: Path,
                    index: list[str]) -> list[Path]:
     """<stem>_findings.{md,csv}: the paper's pairwise findings checked on this table's runs (findings.py)."""
@@ -103,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="read finished runs from this MLflow server instead of results/runs/")
     p.add_argument("--export", nargs="+", metavar="RUN_OR_WORK_DIR",
                    help="first export the finished runs at or below these directories into results/runs/")
+    p.add_argument("--budget", metavar="RESULTS_DIR",
+                   help="a budget study's results folder (e.g. results/budget_digits, from `run_experiment "
+                        "budget_digits --results-dir ...`): its curves drawn over the table's, and the one-step "
+                        "ranking at both budgets (figures/budget_<dataset>_<metric>.png, tables/budget_...md)")
     p.add_argument("--replace-record", action="store_true",
                    help="with --export: replace committed results records of the same spec hash (kept by default)")
     p.add_argument("--include-smoke", action="store_true", help="also use --smoke runs (mock data)")
@@ -127,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"of {', '.join(SCORES)})", file=sys.stderr)
             return 2
     written = make_all(records, paper, Path(args.out) if args.out else root)
+    if args.budget:
+        written += write_budget(records, results_lib.load_exports(args.budget), paper, Path(args.out) if args.out
+                                else root)
     print(f"{len(records)} run(s) -> {len(written)} file(s):")
     for f in written:
         print(f"  {f}")

@@ -211,3 +211,30 @@ def test_a_step_count_at_two_scales_gets_a_second_column(tmp_path):
     for row in tex_rows:
         cells = re.split(r"(?<!\\)&", row)
         assert sum(int(m.group(1)) if (m := re.match(r"\s*\\multicolumn\{(\d+)\}", c)) else 1 for c in cells) == ncols
+
+
+def test_a_budget_study_is_drawn_over_the_table_and_ranked_at_both_budgets(tmp_path):
+    from tracking_fixtures import make_record, make_spec
+
+    root, longer = tmp_path / "results", tmp_path / "budget"
+    shutil.copytree(REPO / "results" / "paper", root / "paper")
+    table = {"shortcut": (10.0, 5.0), "meanflow": (7.0, 4.5)}  # 1-step values at the table's budget, 4-step
+    at_4x = {"shortcut": (5.0, 4.0), "meanflow": (6.0, 3.9)}  # the longer runs reverse the 1-step order only
+    for method, (one, four) in table.items():
+        for seed in (0, 1):
+            spec = make_spec(f"digits_{method}", method, "digits", seed=seed)
+            make_record(tmp_path / "runs", spec, {1: one + seed * 0.1, 4: four}, grids=False, compute=1e12,
+                        curve={1: [(5e11, one + 5), (1e12, one)]})
+        spec = make_spec(f"digits_{method}", method, "digits")
+        spec["train"]["steps"] = 400
+        make_record(tmp_path / "long", spec, {1: at_4x[method][0], 4: at_4x[method][1]}, grids=False, compute=4e12,
+                    curve={1: [(1e12, one), (4e12, at_4x[method][0])]})
+    export_tree(tmp_path / "runs", root)
+    export_tree(tmp_path / "long", longer)
+    assert make_tables.main(["--results-dir", str(root), "--budget", str(longer)]) == 0
+    assert (root / "figures" / "budget_digits_fd_digits.png").stat().st_size > 0
+    md = (root / "tables" / "budget_digits_fd_digits.md").read_text()
+    assert "the budget study (400 training steps)" in md
+    assert "| Shortcut Models | 10.05 | 2 | 5.00 | 1 |" in md and "| MeanFlow | 7.05 | 1 | 6.00 | 2 |" in md
+    assert "1-step ranking of these 2 methods at 4x the budget is not the same as" in md
+    assert "4-step ranking of these 2 methods at 4x the budget is the same as" in md

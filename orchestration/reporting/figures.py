@@ -101,6 +101,62 @@ def plot_curves(t: Table, path: Path) -> Path | None:
     return path
 
 
+def plot_budget(t: Table, longer: Table, path: Path) -> Path | None:
+    """The budget study drawn over a table's curves: per curve step count, each row's seed-mean curve at the
+    table's budget (solid) and the same method's longer run (dashed, same colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({n for r in longer.rows for n in r.curves}, reverse=True)
+    if not steps:
+        return None
+    colours = {r.method: f"C{i % 10}" for i, r in enumerate(t.rows)}
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.5 * len(steps) + 2, 4), dpi=120, squeeze=False)
+    for ax, n in zip(axes[0], steps):
+        for rows, style, suffix in ((t.rows, "-", f" ({t.ours_tag}, table)"), (longer.rows, "--", " (longer run)")):
+            for r in rows:
+                if r.curves.get(n) and r.method in {x.method for x in longer.rows}:
+                    x, y = np.array(mean_curve(r.curves[n])).T
+                    ax.plot(x, y, style, marker=".", color=colours.get(r.method, "0.5"), label=r.label + suffix)
+        floor = next((r.floors.get(n) for r in t.rows if r.floors.get(n)), None)
+        if floor:
+            ax.axhline(floor, color="0.3", ls=":", lw=1, label="noise floor")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute (FLOPs, teachers included)")
+        ax.set_ylabel(f"{t.ours_tag}, {n}-step sampling")
+        ax.set_title(f"{t.dataset}: {n}-step {t.metric}, the table's budget (solid) and 4x (dashed)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def budget_ranking(t: Table, longer: Table, num_steps: int = 1) -> str:
+    """Markdown: each method of the longer runs at `num_steps`, its value and rank at the table's budget
+    (seed mean) and at the longer budget."""
+    def cells(tab: Table) -> dict[str, tuple[float, int]]:
+        return {r.method: (c[0], c[2]) for r in tab.rows for c in [r.ours.get(num_steps)] if c and np.isfinite(c[0])}
+
+    ours, long = cells(t), cells(longer)
+    methods = [m for m in long if m in ours]
+    rank = lambda values: {m: i + 1 for i, m in enumerate(sorted(methods, key=lambda m: values[m][0]))}
+    r_ours, r_long = rank(ours), rank(long)
+    lines = [f"| method | {num_steps}-step at the table's budget (mean of {max(ours[m][1] for m in methods)} seeds) "
+             f"| rank | {num_steps}-step at 4x (1 seed) | rank |", "| --- | ---: | ---: | ---: | ---: |"]
+    for m in sorted(methods, key=lambda m: r_long[m]):
+        lines.append(f"| {method_name(m)} | {ours[m][0]:.2f} | {r_ours[m]} | {long[m][0]:.2f} | {r_long[m]} |")
+    same = [r_ours[m] for m in sorted(methods, key=lambda m: r_long[m])] == sorted(r_ours.values())
+    lines += ["", f"- The {num_steps}-step ranking of these {len(methods)} methods at 4x the budget is "
+              f"{'the same as' if same else 'not the same as'} at the table's budget."]
+    return "\n".join(lines) + "\n"
+
+
 def _samples_steps(key: str, info: dict) -> int:
     """The step count of a run's `samples` entry (keyed "<N>", or "<N>_w<w>" for one of several scales)."""
     return int(info.get("num_steps", str(key).split("_")[0]))
