@@ -84,15 +84,26 @@ def plot_curves(t: Table, path: Path) -> Path | None:
             ax.plot(x, y, marker=".", color=f"C{i % 10}", label=r.label)
             if len(ys) > 1:
                 ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=f"C{i % 10}", alpha=0.2)
-        floor = next((r.floors.get(n) for r in t.rows if r.floors.get(n)), None)
-        if floor:
-            ax.axhline(floor, color="0.3", ls=":", lw=1, label="noise floor")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training compute (FLOPs, teachers included)")
-        ax.set_ylabel(f"{t.ours_tag}, {n}-step sampling")
-        ax.set_title(f"{t.dataset}: {n}-step {t.metric} vs compute (band: seeds' range)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
+        _compute_axes(ax, t, n, f"{t.dataset}: {n}-step {t.metric} vs compute (band: seeds' range)")
+    return _save(fig, axes, path)
+
+
+def _compute_axes(ax, t: Table, n: int, title: str) -> None:
+    """A metric-against-compute panel's floor line, log axes, labels and grid."""
+    floor = next((r.floors.get(n) for r in t.rows if r.floors.get(n)), None)
+    if floor:
+        ax.axhline(floor, color="0.3", ls=":", lw=1, label="noise floor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute (FLOPs, teachers included)")
+    ax.set_ylabel(f"{t.ours_tag}, {n}-step sampling")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+
+
+def _save(fig, axes, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,21 +131,8 @@ def plot_budget(t: Table, longer: Table, path: Path) -> Path | None:
                 if r.curves.get(n) and r.method in {x.method for x in longer.rows}:
                     x, y = np.array(mean_curve(r.curves[n])).T
                     ax.plot(x, y, style, marker=".", color=colours.get(r.method, "0.5"), label=r.label + suffix)
-        floor = next((r.floors.get(n) for r in t.rows if r.floors.get(n)), None)
-        if floor:
-            ax.axhline(floor, color="0.3", ls=":", lw=1, label="noise floor")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training compute (FLOPs, teachers included)")
-        ax.set_ylabel(f"{t.ours_tag}, {n}-step sampling")
-        ax.set_title(f"{t.dataset}: {n}-step {t.metric}, the table's budget (solid) and 4x (dashed)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        _compute_axes(ax, t, n, f"{t.dataset}: {n}-step {t.metric}, the table's budget (solid) and 4x (dashed)")
+    return _save(fig, axes, path)
 
 
 def budget_ranking(t: Table, longer: Table, num_steps: int = 1) -> str:
