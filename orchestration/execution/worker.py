@@ -172,16 +172,13 @@ def export(record: dict, results_dir: str | None, replace: bool = False) -> dict
 def kept_lines(result: dict) -> list[str]:
     """What the driver says when a run kept a committed record: that it did, and the committed numbers
     beside this run's, step count by step count."""
+    from orchestration.reporting.tables import last_entries
+
     kept = result["kept_record"]
     commit = str(kept.get("git_commit") or "unknown")[:7]
 
-    def values(entries: list[dict]) -> dict[int, float]:
-        last = max((e["train_step"] for e in entries), default=None)
-        out: dict[int, float] = {}
-        for e in entries:
-            if e["train_step"] == last and isinstance(e.get("value"), (int, float)):
-                out.setdefault(int(e["num_steps"]), float(e["value"]))
-        return out
+    def values(entries: list[dict]) -> dict[int, float]:  # each step count's column value
+        return {int(e["num_steps"]): float(e["value"]) for e, first in last_entries({"evaluation": entries}) if first}
 
     ours, committed = values(result.get("evaluation") or []), values(kept["evaluation"])
     steps = [n for n in ours if n in committed]

@@ -108,7 +108,7 @@ def interval(diffs: list[float], spreads: list[float | None] = (), ref_var: floa
     v_ref = ref_var or 0.0
     if n >= 2:
         mean, var = float(np.mean(diffs)), float(np.var(diffs, ddof=1))
-        df = satterthwaite_df(var / n, v_ref, n, draws) if ref_var is not None else float(n - 1)
+        df = satterthwaite_df(var / n, v_ref, n, draws)  # n - 1 without a reference variance
         half = t_quantile(df) * np.sqrt(var / n + v_ref)
         return mean, mean - half, mean + half, f"t({df:.1f}) over {n} seeds{ref}"
     if n == 1 and spreads and spreads[0] is not None:
@@ -146,8 +146,7 @@ def seeds_to_resolve(diffs: list[float], ref_var: float | None = None, draws: in
     if mean == 0 or Z95 * np.sqrt(v_ref) >= mean:
         return None
     for n in range(2, MAX_SEEDS + 1):
-        df = satterthwaite_df(var / n, v_ref, n, draws) if ref_var is not None else float(n - 1)
-        if t_quantile(df) * np.sqrt(var / n + v_ref) < mean:
+        if t_quantile(satterthwaite_df(var / n, v_ref, n, draws)) * np.sqrt(var / n + v_ref) < mean:
             return n
     return None
 
@@ -230,6 +229,11 @@ class Check:
     @property
     def seeds_needed(self) -> int | None:
         return seeds_to_resolve(list(self.diffs.values()), self.ref_var, self.ref_draws)
+
+    @property
+    def ref_std(self) -> float | None:
+        """sqrt(v_ref): the reference draw's share of the mean difference's std."""
+        return None if self.ref_var is None else float(np.sqrt(self.ref_var))
 
     @property
     def seed_std_of_mean(self) -> float | None:
@@ -332,8 +336,7 @@ def to_frame(checks: list[Check], name: Callable[[str], str]) -> pd.DataFrame:
             "paper_shortcut": c.finding.shortcut, "paper_other": c.finding.other, "paper_sign": c.finding.sign,
             "ours": c.ours, "ours_mean_diff": c.mean, "ours_std_diff": c.std, "ours_n": c.n,
             "ci_low": ci[1] if ci else None, "ci_high": ci[2] if ci else None, "ci_method": ci[3] if ci else "",
-            "seed_std_of_mean": c.seed_std_of_mean, "reference_std": None if c.ref_var is None else
-            float(np.sqrt(c.ref_var)), "reference_draws": c.ref_draws, "both_at_floor": c.both_at_floor,
+            "seed_std_of_mean": c.seed_std_of_mean, "reference_std": c.ref_std, "reference_draws": c.ref_draws, "both_at_floor": c.both_at_floor,
             "noise_floor": c.floor, "verdict": c.verdict, "seeds_to_resolve": c.seeds_needed,
             "compute_ratio": c.compute_ratio, "compute_differs": c.compute_differs,
             "matched_mean_diff": mci[0] if mci else None, "matched_ci_low": mci[1] if mci else None,
@@ -378,7 +381,7 @@ def to_markdown(checks: list[Check], dataset: str, ours_tag: str, name: Callable
         ratio = "-" if c.compute_ratio is None else f"{c.compute_ratio:.2f}" + (" (differs)" if c.compute_differs
                                                                                 else "")
         matched = c.matched_verdict if not c.matched else f"{c.matched_verdict}: {_ci_text(c.matched_interval)}"
-        parts = f"{_number(c.seed_std_of_mean)} / {_number(None if c.ref_var is None else np.sqrt(c.ref_var))}"
+        parts = f"{_number(c.seed_std_of_mean)} / {_number(c.ref_std)}"
         lines.append(f"| {i} | {what} | {f.shortcut:.1f} vs {f.other:.1f} | {_ci_text(c.interval)} | "
                      f"{parts} | {c.verdict} | {_resolve_text(c) or '-'} | {ratio} | {matched} |")
     k = counts(checks)
