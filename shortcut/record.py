@@ -62,6 +62,13 @@ def write(rundir: str | Path, record: dict) -> None:
     write_json(Path(rundir) / FILE, record)
 
 
+def last_evaluation(record: dict) -> list[dict]:
+    """The record's evaluation entries of its last evaluated training step ([] when none)."""
+    entries = record.get("evaluation") or []
+    last = max((e["train_step"] for e in entries), default=None)
+    return [e for e in entries if e["train_step"] == last]
+
+
 def finished(record: dict | None, spec_hash: str | None = None) -> bool:
     """Whether a record is of a finished run (of the spec with `spec_hash`, when given)."""
     return bool(record) and record.get("status") == FINISHED and (spec_hash is None or
