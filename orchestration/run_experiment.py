@@ -218,12 +218,13 @@ def _run_one(args, spec, address: str | None) -> int:
 
 def _fail_if_locked(args, spec, workdir: str) -> None:
     """RunLocked (one line, exit 1) if another process holds this spec's run directory, unless --wait."""
-    from shortcut import run_lock
-    from shortcut.record import run_dir
+    from shortcut.record import RunDir
+    from shortcut.run_lock import RunLocked
 
-    holder = None if args.wait else run_lock.holder(run_dir(spec, workdir))
+    rundir = RunDir.of(spec, workdir)
+    holder = None if args.wait else rundir.holder()
     if holder is not None:
-        raise run_lock.RunLocked(run_dir(spec, workdir), holder)
+        raise RunLocked(rundir.path, holder)
 
 
 def _run_table(args, table, address: str | None) -> int:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shortcut import record as record_lib
+from shortcut.record import RunDir, Status
 from shortcut.data.iterators import pack_state, unpack_state
 from shortcut.errors import ShortcutError
 from shortcut.spec import Spec
@@ -65,51 +66,49 @@ def resolve_teacher(spec: Spec, workdir: str | Path, *, log: Callable[[str], Non
         return None
     tspec = spec.teacher_spec()  # its --smoke version for a --smoke student
     smoke = " --smoke" if spec.smoke else ""
-    tdir = record_lib.run_dir(tspec, workdir)
+    tdir = RunDir.of(tspec, workdir)
     label = f"teacher {tspec.name} [{tspec.hash()[:12]}]"
-    record = record_lib.read(tdir)
-    status = record.get("status") if record else None
-    if status == "failed":
+    record = tdir.read()
+    status = tdir.status()
+    if status == Status.FAILED:
         raise TeacherError(
-            f"{spec.name}: {label} failed in {tdir}: {record.get('error', 'no error recorded')}. Fix the cause and "
-            f"rerun the teacher (run_experiment {tspec.name}{smoke} with the same "
-            f"overrides; it resumes from its last checkpoint), or delete {tdir} to train it afresh.")
-    if not record_lib.finished(record, tspec.hash()):
-        raise TeacherError(f"{spec.name}: {label} has no finished run in {tdir} (status: {status or 'no run'}); "
+            f"{spec.name}: {label} failed in {tdir.path}: {record.get('error', 'no error recorded')}. Fix the cause "
+            f"and rerun the teacher (run_experiment {tspec.name}{smoke} with the same "
+            f"overrides; it resumes from its last checkpoint), or delete {tdir.path} to train it afresh.")
+    if not tdir.finished(tspec.hash()):
+        raise TeacherError(f"{spec.name}: {label} has no finished run in {tdir.path} (status: {status or 'no run'}); "
                            f"run it first: run_experiment {tspec.name}{smoke} with the same "
                            f"overrides (`run_experiment {spec.name}` runs a missing teacher first by itself)")
-    params, step = load_ema_params(tdir / "checkpoints")
+    params, step = load_params(tdir)
     if step != tspec.train.steps:
-        raise TeacherError(f"{spec.name}: {label} in {tdir} is marked finished but its latest checkpoint is step "
+        raise TeacherError(f"{spec.name}: {label} in {tdir.path} is marked finished but its latest checkpoint is step "
                            f"{step}, not its train.steps {tspec.train.steps}")
-    log(f"{spec.name}: using the finished {label} from {tdir} (step {step}, EMA parameters)")
-    return Teacher(tspec, tdir, step, params)
+    log(f"{spec.name}: using the finished {label} from {tdir.path} (step {step}, EMA parameters)")
+    return Teacher(tspec, tdir.path, step, params)
 
 
-def load_ema_params(checkpoint_dir: Path, which: str = "ema_params") -> tuple[Any, int]:
-    """EMA parameters (or with which="params" the online ones) of the latest checkpoint, read without
-    knowing the rest of that run's state."""
-    import orbax.checkpoint as ocp
-
+def load_params(rundir: RunDir, *, ema: bool = True) -> tuple[Any, int]:
+    """The EMA parameters (with `ema=False` the online ones) of a run's latest checkpoint, and its step, read
+    without knowing the rest of that run's state."""
     from shortcut.checkpoint import describe_error, quiet_orbax_echoes
 
-    if not checkpoint_dir.exists():
-        raise TeacherError(f"no checkpoints in {checkpoint_dir}")
-    manager = ocp.CheckpointManager(checkpoint_dir.absolute(), item_names=("state", "data"))
+    if not rundir.checkpoints.is_dir():
+        raise TeacherError(f"no checkpoints in {rundir.checkpoints}")
+    checkpointer = rundir.checkpointer()
     try:
-        step = manager.latest_step()
+        step = checkpointer.latest_step()
         if step is None:
-            raise TeacherError(f"no checkpoints in {checkpoint_dir}")
+            raise TeacherError(f"no checkpoints in {rundir.checkpoints}")
         quiet_orbax_echoes()
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            state = checkpointer.restore_state(step)
         except Exception as e:  # noqa: BLE001 - a damaged file: say which checkpoint, not a traceback
-            raise TeacherError(f"the teacher's latest checkpoint {checkpoint_dir / str(step)} cannot be read "
+            raise TeacherError(f"the teacher's latest checkpoint {rundir.checkpoints / str(step)} cannot be read "
                                f"({describe_error(e)}); remove that directory and rerun to train that step "
                                "again") from None
     finally:
-        manager.close()
-    return jax.tree.map(jnp.asarray, restored["state"][which]), int(step)
+        checkpointer.close()
+    return jax.tree.map(jnp.asarray, state["ema_params" if ema else "params"]), int(step)
 
 
 def _uses_student_model(objective) -> bool:

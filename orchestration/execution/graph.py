@@ -179,11 +179,10 @@ def _fits(need: dict[str, float], in_use: dict[str, float], cluster: dict[str, f
 
 def mark_cached(nodes: dict[str, Node], workdir: Path) -> None:
     """Nodes whose run directory holds a finished run of their spec are cached (not run again), unless `rerun`."""
-    from shortcut import record
+    from shortcut.record import RunDir
 
     for node in nodes.values():
-        if node.status == Status.WAITING and not node.rerun and record.finished(
-                record.read(record.run_dir(node.spec, workdir)), node.spec.hash()):
+        if node.status == Status.WAITING and not node.rerun and RunDir.of(node.spec, workdir).finished(node.spec.hash()):
             node.status = Status.CACHED
 
 
@@ -262,7 +261,7 @@ class _RayPool:
 
         from orchestration.execution import cluster
         from orchestration.execution.killed import killed
-        from shortcut.record import run_dir
+        from shortcut.record import RunDir
 
         done, _ = ray.wait(list(self.refs), num_returns=1, timeout=5.0)
         board = ray.get(self.board.snapshot.remote()) if done else {}
@@ -275,7 +274,7 @@ class _RayPool:
             try:
                 out.append((key, ray.get(ref)))
             except Exception as e:  # noqa: BLE001 - one failed experiment never stops the others
-                out.append((key, killed(e, run_dir(node.spec, self.launch_kwargs["workdir"])) or cluster.cause(e)))
+                out.append((key, killed(e, RunDir.of(node.spec, self.launch_kwargs["workdir"]).path) or cluster.cause(e)))
             finally:
                 cluster.release(ref)
         return out
@@ -411,9 +410,9 @@ def _running_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) ->
     """Whether another process (a plain run, another table or sweep) holds the node's run directory; if so
     the node waits for that run's record instead of starting a second writer (shortcut/run_lock.py)."""
     from shortcut import run_lock
-    from shortcut.record import run_dir
+    from shortcut.record import RunDir
 
-    holder = run_lock.holder(run_dir(node.spec, workdir))
+    holder = RunDir.of(node.spec, workdir).holder()
     if holder is None:
         return False
     node.status = Status.ELSEWHERE
@@ -426,15 +425,13 @@ def _check_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> N
     record), else waiting (started here next, resuming from that run's last checkpoint)."""
     from orchestration.execution.worker import outcome
     from orchestration.reporting.console import metrics_line
-    from shortcut import run_lock
-    from shortcut.record import read as _read_record
-    from shortcut.record import run_dir
+    from shortcut.record import RunDir
 
-    rundir = run_dir(node.spec, workdir)
-    if run_lock.holder(rundir) is not None:
+    rundir = RunDir.of(node.spec, workdir)
+    if rundir.holder() is not None:
         return
-    record = _read_record(rundir) or {}
-    if record.get("status") == "finished" and record.get("spec_hash") == node.spec.hash():
+    record = rundir.read() or {}
+    if rundir.finished(node.spec.hash()):
         node.status, node.outcome = Status.CACHED, outcome(record, tracked=False)
         node.error = f"finished elsewhere (pid {record.get('pid', '?')} on {record.get('host', '?')})"
         say(f"{node.label}: {node.error}: {metrics_line(node.outcome)}")
