@@ -211,7 +211,7 @@ def _model(spec, record: dict, rundir: Path):
     """(parameters, checkpoint step, jit-compiled sampler, latent decoder or None) of a run."""
     from shortcut import assembly
     from shortcut.record import RunDir
-    from shortcut.stages import TeacherError, load_params
+    from shortcut.teacher import TeacherError, load_params
 
     try:
         params, step = load_params(RunDir(rundir), ema=spec.eval.params == "ema")

@@ -18,7 +18,8 @@ import jax
 from clu import parameter_overview
 
 from shortcut import data as data_lib
-from shortcut import assembly, compute, stages
+from shortcut import assembly, compute
+from shortcut import teacher as teacher_lib
 from shortcut import record as record_lib
 from shortcut.checkpoint import remove_partial_saves
 from shortcut.errors import ShortcutError
@@ -98,7 +99,8 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
     the run of a spec in its --smoke form (shortcut.spec.smoke_version)."""
     from shortcut.memory import check_run_fits
 
-    check_run_fits(spec)  # MemoryPlanError (one line) before anything is written or allocated
+    parts = assembly.build(spec)  # once: the memory check, the run and its teacher share them
+    check_run_fits(spec, parts=parts)  # MemoryPlanError (one line) before anything is written or allocated
     rundir = RunDir.of(spec, workdir)
     rundir.path.mkdir(parents=True, exist_ok=True)
     # one writer per run directory (process 0 of a multi-host run writes for all), before anything is written
@@ -127,7 +129,7 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
     if tracker is not None:  # e.g. orchestration.tracking.tracker.Tracker; its hooks never raise
         tracker.start(record)
     try:
-        _run(spec, rundir, eval_only, record, log, tracker)
+        _run(parts, rundir, eval_only, record, log, tracker)
         record["status"] = Status.FINISHED
         return record
     except StopTraining as e:  # a hook (e.g. a sweep's early stopping) ended training on purpose
@@ -162,32 +164,32 @@ def _replay(record: dict, tracker, lock: RunLock) -> dict:
         lock.release()
 
 
-def _run(spec: Spec, rundir: RunDir, eval_only: bool, record: dict, log, tracker=None) -> None:
+def _run(parts: assembly.Parts, rundir: RunDir, eval_only: bool, record: dict, log, tracker=None) -> None:
     t0 = time.perf_counter()
+    spec = parts.spec
     # fail before training if weights or statistics are missing
     metric = smoke_metric(spec) if spec.smoke else load_metric(spec)
     if spec.smoke:
         record["evaluation_note"] = (metric.note if metric else
                                      "--smoke: mock data has no reference statistics, so no metric")
-    parts = assembly.build(spec)
     objective, model, apply_fn, optimizer, sampler = (parts.objective, parts.model, parts.apply_fn, parts.optimizer,
                                                       parts.sampler)
     codec = describe_codec(parts, record)
     parallel = Parallel.create(spec.train.batch_size, spec.resources.sharding)
-    # A `teacher:` spec's finished run is found in the same work directory (shortcut/stages.py).
-    teacher = stages.resolve_teacher(spec, rundir.path.parents[1], log=log)
+    # A `teacher:` spec's finished run is found in the same work directory (shortcut/teacher.py).
+    teacher = teacher_lib.resolve(parts, rundir.path.parents[1], log=log)
     if teacher is not None:
         record["teacher"] = teacher.summary()
     teacher_flops = compute.teacher_compute(teacher.run_dir) if teacher is not None else None
-    pairs_flops = stages.pairs_flops(spec, objective, teacher)
-    # compute spent before this run's first step: its teacher's and the teacher's pair sampling
-    offset = sum(x or 0.0 for x in ((teacher_flops or {}).get("total_flops"), pairs_flops))
+    preparation = objective.preparation_flops(spec, teacher)  # e.g. the teacher's sampling of reflow's pairs
+    # compute spent before this run's first step: its teacher's and the method's preparation of its data
+    offset = sum(x or 0.0 for x in ((teacher_flops or {}).get("total_flops"), *preparation.values()))
     data = None
-    if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
-        data = stages.training_data(spec, objective, teacher, rundir.path, log=log)
-        data = make_data(spec, codec, rundir.path, log) if data is None else data
+    if not eval_only:  # the dataset, unless the method trains on data of its own (reflow: its teacher's pairs)
+        data = objective.training_data(lambda: make_data(spec, codec, rundir.path, log), spec=spec, teacher=teacher,
+                                       rundir=rundir.path, log=log)
     state = init_state(spec, model, optimizer, objective, teacher_params=teacher.params if teacher else None)
-    state = parallel.place(stages.start_from_teacher(spec, state, objective, teacher))
+    state = parallel.place(teacher_lib.start_from_teacher(spec, state, objective, teacher))
 
     overview = parameter_overview.get_parameter_overview(state.params, include_stats=False)
     (rundir.path / "params.txt").write_text(overview + "\n")
@@ -200,7 +202,7 @@ def _run(spec: Spec, rundir: RunDir, eval_only: bool, record: dict, log, tracker
     timings["setup_s"] = time.perf_counter() - t0
 
     def on_compiled(step_flops: float | None) -> None:
-        record["compute"] = compute.run_compute(step_flops, spec.train.steps, teacher_flops, pairs_flops,
+        record["compute"] = compute.run_compute(step_flops, spec.train.steps, teacher_flops, preparation,
                                                 has_teacher=teacher is not None)
         rundir.write(record)
 
@@ -217,12 +219,15 @@ def _run(spec: Spec, rundir: RunDir, eval_only: bool, record: dict, log, tracker
             record["curve"] = sorted([p for p in record["curve"] if (p["train_step"], p["setting"]) not in done] +
                                      points, key=lambda p: (p["train_step"], p["num_steps"]))
 
+    def evaluated(state, step: int, **kwargs) -> tuple[list[dict], dict]:
+        """(entries, sample grids) of an evaluation at `step`, with the parameters `eval.params` names."""
+        params = state.ema_params if spec.eval.params == "ema" else state.params
+        return evaluate(spec, metric, sampler, params, objective=objective, train_step=step, rundir=rundir.path,
+                        log=log, decode=codec.decode if codec else None, **kwargs)
+
     def curve_at(state, step: int) -> None:
         t = time.perf_counter()
-        params = state.ema_params if spec.eval.params == "ema" else state.params
-        entries, _ = evaluate(spec, metric, sampler, params, objective=objective, train_step=step, rundir=rundir.path,
-                              log=log, decode=codec.decode if codec else None,
-                              settings=spec.eval.curve_settings(), grids=False)
+        entries, _ = evaluated(state, step, settings=spec.eval.curve_settings(), grids=False)
         add_curve(entries, step)
         timings["curve_s"] = timings.get("curve_s", 0.0) + time.perf_counter() - t
         rundir.write(record)
@@ -232,9 +237,7 @@ def _run(spec: Spec, rundir: RunDir, eval_only: bool, record: dict, log, tracker
     def evaluate_at(state, step: int) -> None:
         checkpointer.wait()  # the checkpoint of this step is complete before hooks hear of the evaluation
         t = time.perf_counter()
-        params = state.ema_params if spec.eval.params == "ema" else state.params
-        entries, samples = evaluate(spec, metric, sampler, params, objective=objective, train_step=step,
-                                    rundir=rundir.path, log=log, decode=codec.decode if codec else None)
+        entries, samples = evaluated(state, step)
         record["evaluation"] = [e for e in record["evaluation"] if e["train_step"] != step] + entries
         record["samples"] = samples
         if spec.eval.curve_every:
