@@ -69,7 +69,8 @@ def find_run(name_or_dir: str, workdir: str | None = None, overrides: list[str] 
              log=print) -> Path:
     """The run directory named by a path or a spec name (see the module docstring)."""
     from shortcut.record import RunDir
-    from shortcut.spec import flatten, load_spec, spec_path
+    from shortcut.spec import flatten
+    from shortcut.spec_files import load_spec, spec_path
 
     path = Path(name_or_dir)
     if (path / "run.json").is_file():
@@ -122,7 +123,7 @@ def load_run(rundir: Path, steps, cfg: float | None, params: str | None):
     """(spec with the requested eval.steps / cfg_scale / params, its record): the run's own spec, so
     the step counts are checked exactly as a run's evaluation checks them."""
     from shortcut.record import read
-    from shortcut.spec import validate
+    from shortcut.spec_files import validate
 
     record = read(rundir)
     if record is None or "spec" not in record:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from shortcut.errors import ShortcutError
-from shortcut.spec import list_specs, list_tables, load_spec, to_yaml
+from shortcut.spec_files import list_specs, list_tables, load_spec, to_yaml
 
 
 class _Parser(argparse.ArgumentParser):

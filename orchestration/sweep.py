@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from shortcut.errors import ShortcutError
-from shortcut.spec import Spec, SpecError, load_spec, parse_value, spec_path, with_values
+from shortcut.spec import Spec, SpecError, with_values
+from shortcut.spec_files import load_spec, parse_value, spec_path
 
 STATE_FILE = "shortcut_sweep.json"  # beside Tune's own state: the parent MLflow run, the resolved spec
 

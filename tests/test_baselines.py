@@ -25,7 +25,8 @@ from shortcut.checkpoint import Checkpointer
 from shortcut.objective import Context, euler_sample, expand
 from shortcut.record import run_dir
 from shortcut.run import run
-from shortcut.spec import SpecError, load_spec
+from shortcut.spec import SpecError
+from shortcut.spec_files import load_spec
 from shortcut.train import TrainState, build_model, make_optimizer, make_train_step, train
 from tests.oracle import MU, S, SHAPE, exact_shortcut, exact_velocity, gaussian_batch, velocity_model
 

@@ -19,7 +19,7 @@ from shortcut.checkpoint import Checkpointer
 from shortcut.data import make_mock_iterator
 from shortcut.data.iterators import unpack_state
 from shortcut.data.prefetch import DevicePrefetcher
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ FSDP_SCRIPT = textwrap.dedent(
     from shortcut.checkpoint import Checkpointer
     from shortcut.data import make_mock_iterator
     from shortcut.sharding import Parallel, bytes_per_device
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
     from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, train
 
     spec = load_spec("digits_flow", ["model.size=null", "model.hidden_size=128", "model.depth=1",

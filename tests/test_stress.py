@@ -107,7 +107,7 @@ import json, sys
 import ray
 from orchestration.execution import cluster
 from orchestration.execution.worker import Tracking
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 
 workdir, results, sequential, parallel, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cluster.connect(None, num_cpus=2)

@@ -37,7 +37,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from shortcut.errors import first_error
-from shortcut.spec import Spec, SpecError, load_spec, read_yaml, spec_path
+from shortcut.spec import Spec, SpecError
+from shortcut.spec_files import load_spec, read_yaml, spec_path
 
 PROGRESS_EVERY_S = 30.0
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from shortcut.spec.schema import Spec, SpecError, make_spec, smoke_version, source_of
+from shortcut.spec import Spec, SpecError, make_spec, smoke_version, source_of
 
-EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[2] / "experiments"))
+EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
 MAX_TEACHER_CHAIN = 16  # a longer chain of teachers is taken for a cycle
 
 

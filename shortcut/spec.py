@@ -4,7 +4,7 @@ The spec hash identifies *what is trained* (seed, data, model, method, optimizer
 resolved specs with the same hash train the same model, whatever their names, evaluation settings
 or output locations. It keys the work directory, so a rerun resumes and a changed spec starts fresh.
 A spec with a `teacher` (another spec, trained first) also hashes the teacher's own hash. A Spec is made
-*resolved*: its teacher's Spec inside (shortcut/spec/loading.py reads it from the experiment files, once,
+*resolved*: its teacher's Spec inside (shortcut/spec_files.py reads it from the experiment files, once,
 where the driver loads the spec); `to_tree` / `from_tree` carry it whole as JSON, so whatever receives a
 spec (a worker, a sweep trial, a plan) reads no file.
 
