@@ -1,7 +1,7 @@
 """Consistency distillation (Song et al. 2023; the paper's "Consistency Distillation" row).
 
-Needs a trained flow-matching teacher: the spec names it (`teacher: digits_flow`), the run resolves it
-(shortcut/stages.py) and its EMA parameters arrive through `init_aux` (kept in the checkpointed state).
+Needs a trained flow-matching teacher: the spec names it (`teacher: digits_flow`), the run loads it
+(shortcut/teacher.py) and its EMA parameters arrive through `init_aux` (kept in the checkpointed state).
 The student starts from the teacher's weights (`init_from_teacher`, as the official code loads the
 teacher checkpoint into the student).
 
@@ -48,6 +48,10 @@ class ConsistencyDistillationObjective(ConsistencyObjective):
     Config = ConsistencyDistillationConfig
     display_name = "Consistency Distillation"
     table_order = 70
+
+    @property
+    def init_from_teacher(self) -> bool:
+        return self.config.init_from_teacher
 
     def init_aux(self, params, teacher_params=None) -> Any:
         """aux = the teacher's (EMA) parameters, fixed for the whole run."""

@@ -151,7 +151,7 @@ class ConsistencyTrainingObjective(ConsistencyObjective):
         t2 = t + 1.0 / n
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
         x_t = interpolate(x0, x1, t)
-        x_t2 = (1 - expand(t2, x1)) * x0 + expand(t2, x1) * x1
+        x_t2 = interpolate(x0, x1, t2)
         y = drop_labels(k_label, labels, cfg.class_dropout, self.null_class)
         d = jnp.full((b,), self.d_cond, jnp.float32)
         return self.consistency_targets(ctx, x_t, t, x_t2, t2, d, y)

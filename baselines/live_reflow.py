@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from pydantic import Field
 
 from shortcut.methods import MethodConfig
-from shortcut.objective import (ApplyFn, Context, Objective, Targets, euler_sample, expand, flow_targets)
+from shortcut.objective import ApplyFn, Context, Objective, Targets, euler_sample, flow_targets, interpolate
 
 
 class LiveReflowConfig(MethodConfig):
@@ -69,7 +69,7 @@ class LiveReflowObjective(Objective):
         x = jax.lax.stop_gradient(euler_sample(ctx.apply_fn, params, z, y, cfg.generation_steps, d_cond=1.0 / m,
                                                cfg_scale=cfg.generation_cfg_scale, null_class=self.null_class))
         t = jax.random.randint(k_t, (nr,), 0, m).astype(jnp.float32) / m
-        x_t = (1 - expand(t, z)) * z + expand(t, z) * x
+        x_t = interpolate(z, x, t)
         reflow = Targets(x_t, t, jnp.ones((nr,), jnp.float32), y, x - z, jnp.ones((nr,), jnp.int32))
         return Targets(*(jnp.concatenate([a, f]) for a, f in zip(reflow[:6], flow[:6])))
 

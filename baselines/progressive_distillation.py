@@ -1,6 +1,6 @@
 """Progressive distillation (Salimans & Ho 2022; the paper's "Progressive Distillation" row).
 
-From a trained flow-matching teacher (`teacher: digits_flow` in the spec, resolved by shortcut/stages.py),
+From a trained flow-matching teacher (`teacher: digits_flow` in the spec, loaded by shortcut/teacher.py),
 K = log2(M) stages halve the step count M -> M/2 -> .. -> 1 (128 -> 1 in 7 stages for M = 128). Stage k
 covers training steps [k T / K, (k+1) T / K) of T = train.steps (stage = floor(step K / T), as in the
 official code), and its student learns N_k = M / 2^(k+1) steps of size d = 1/N_k:
@@ -49,6 +49,10 @@ class ProgressiveDistillationObjective(Objective):
     groups = ("distill",)
     display_name = "Progressive Distillation"
     table_order = 60
+
+    @property
+    def init_from_teacher(self) -> bool:
+        return self.config.init_from_teacher
 
     def __init__(self, config: ProgressiveDistillationConfig, *, num_classes: int, total_steps: int):
         super().__init__(config, num_classes=num_classes)

@@ -1,10 +1,12 @@
 """Reflow (Liu et al. 2023, 2-rectified flow; the paper's "Reflow" row).
 
-Three stages, all declared by the spec and resolved by shortcut/stages.py:
-  1. the teacher (`teacher: digits_flow`), a trained flow-matching model, found or trained first;
+Three stages, all declared by the spec:
+  1. the teacher (`teacher: digits_flow`), a trained flow-matching model, trained first by the driver's graph
+     and loaded by shortcut/teacher.py;
   2. a stored dataset of `num_pairs` (noise, sample, label) triples, generated with the teacher's own
      sampler at `pair_steps` steps (M = 128 by default) in chunks of `pair_chunk_size` under
-     <run dir>/pairs/, resumable after a kill (finished chunks are kept);
+     <run dir>/pairs/, resumable after a kill (finished chunks are kept): the objective's `training_data`,
+     baselines/reflow_pairs.py;
   3. flow matching on the pairs: the batch's "image" is the teacher's sample and "noise" the noise it was
      generated from, so x_t = (1 - t) noise + t sample and v = sample - noise (t on the 1/M grid,
      d = 1/M). The student starts from the teacher's weights (`init_from_teacher`), as in Liu et al.
@@ -23,6 +25,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from shortcut.methods import MethodConfig
 from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, interpolate
+
+from baselines import reflow_pairs
 
 
 class ReflowConfig(MethodConfig):
@@ -45,7 +49,24 @@ class ReflowObjective(Objective):
     Config = ReflowConfig
     display_name = "Reflow"
     table_order = 80
-    uses_pairs = True  # shortcut/stages.py trains it on the teacher's generated pairs
+
+    @property
+    def init_from_teacher(self) -> bool:
+        return self.config.init_from_teacher
+
+    @property
+    def teacher_in_student_network(self) -> bool:
+        return self.config.init_from_teacher  # else the teacher only samples the pairs, with its own network
+
+    def training_data(self, dataset, *, spec, teacher, rundir, log):
+        """The teacher's generated pairs (baselines/reflow_pairs.py), not the dataset."""
+        return reflow_pairs.training_data(spec, teacher, rundir, log=log)
+
+    def batch_inputs(self, image, label) -> dict:
+        return {"image": image, "label": label, "noise": image}  # each pair's noise, shaped like its sample
+
+    def preparation_flops(self, spec, teacher) -> dict[str, float | None]:
+        return {"pairs_flops": reflow_pairs.pairs_flops(spec, teacher)}
 
     @staticmethod
     def smoke_method(method: dict) -> dict:

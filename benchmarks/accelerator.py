@@ -36,7 +36,7 @@ from orchestration.plan import device_for_kind
 from shortcut import assembly
 from shortcut.sampling import noise_for, sample_labels
 from shortcut.sharding import Parallel
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 from shortcut.train import init_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import numpy as np
 
 from shortcut import assembly
 from shortcut.sampling import sample_range
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 from shortcut.train import init_state
 
 

@@ -35,7 +35,7 @@ from shortcut import assembly
 from shortcut.data import latents, make_train_iterator, pipeline, prepare_dataset
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.sharding import Parallel
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 from shortcut.train import init_state, make_train_step
 from shortcut.vae import LatentCodec
 

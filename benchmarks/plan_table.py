@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestration import plan
     from shortcut import memory
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
 
     topologies = [plan.parse_topology(t) for t in args.topologies]
     assert plan.prepare_jax(topologies[0])

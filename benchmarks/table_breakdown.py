@@ -85,7 +85,7 @@ def inprocess(spec_name: str, overrides: list[str], workdir: str, cache_dir: str
     counts: dict[str, int] = {}
     jax.monitoring.register_event_listener(lambda event, **kw: counts.__setitem__(event, counts.get(event, 0) + 1))
     from shortcut.run import run
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
 
     imported = time.perf_counter() - t_start
     spec = load_spec(spec_name, overrides)
@@ -153,7 +153,7 @@ def measure_vmap(spec_name: str, steps: int, seeds: int = 3) -> dict:
     import numpy as np
 
     from shortcut import assembly
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
     from shortcut.train import init_state, make_train_step
 
     spec = load_spec(spec_name)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shortcut import assembly
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 from shortcut.train import init_state, make_train_step
 
 CASES = [

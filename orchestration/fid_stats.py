@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from shortcut.errors import ShortcutError
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
 
     try:
         spec = load_spec(args.name, args.overrides)

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 def find_run(name_or_dir: str, workdir: str | None = None, overrides: list[str] | tuple = (),
              log=print) -> Path:
     """The run directory named by a path or a spec name (see the module docstring)."""
-    from shortcut.record import finished as is_finished
-    from shortcut.record import read, run_dir
-    from shortcut.spec import flatten, load_spec, spec_path
+    from shortcut.record import RunDir
+    from shortcut.spec import flatten
+    from shortcut.spec_files import load_spec, spec_path
 
     path = Path(name_or_dir)
     if (path / "run.json").is_file():
@@ -82,15 +82,13 @@ def find_run(name_or_dir: str, workdir: str | None = None, overrides: list[str] 
     except Exception:  # noqa: BLE001 - neither a run directory nor a spec
         raise GenerateError(f"no run directory or spec named {name_or_dir!r}") from None
     spec = load_spec(name_or_dir, overrides)
-    exact = run_dir(spec, workdir)
-    record = read(exact)
-    if is_finished(record):
-        return exact
-    parent = exact.parent
-    finished = [(r.get("finished") or "", d, r) for d in sorted(parent.glob("*")) if d != exact
-                for r in [read(d)] if is_finished(r)]
+    exact = RunDir.of(spec, workdir)
+    if exact.finished():
+        return exact.path
+    finished = [(r.get("finished") or "", d, r) for d in sorted(exact.path.parent.glob("*")) if d != exact.path
+                for r in [RunDir(d).finished()] if r]
     if not finished:
-        state = f"its run {exact} is {record.get('status')}" if record else f"no run in {exact}"
+        state = f"its run {exact.path} is {exact.status()}" if exact.read() else f"no run in {exact.path}"
         raise GenerateError(f"{spec.name} has no finished run ({state}); train it with run_experiment "
                             f"{spec.name}, or give a run directory")
     _, chosen, rec = max(finished, key=lambda t: t[0])
@@ -98,7 +96,7 @@ def find_run(name_or_dir: str, workdir: str | None = None, overrides: list[str] 
     differ = [f"{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours))
               if k.split(".")[0] in ("seed", "data", "model", "method", "optimizer", "train")
               and theirs.get(k) != ours.get(k)]
-    log(f"note: no finished run of {spec.name} with this spec ({exact.name}); using the latest finished one, "
+    log(f"note: no finished run of {spec.name} with this spec ({exact.path.name}); using the latest finished one, "
         f"{chosen}" + (f" (it differs in {', '.join(differ)})" if differ else ""))
     return chosen
 
@@ -125,7 +123,7 @@ def load_run(rundir: Path, steps, cfg: float | None, params: str | None):
     """(spec with the requested eval.steps / cfg_scale / params, its record): the run's own spec, so
     the step counts are checked exactly as a run's evaluation checks them."""
     from shortcut.record import read
-    from shortcut.spec import validate
+    from shortcut.spec_files import validate
 
     record = read(rundir)
     if record is None or "spec" not in record:
@@ -213,10 +211,11 @@ def _progress(items, desc: str):
 def _model(spec, record: dict, rundir: Path):
     """(parameters, checkpoint step, jit-compiled sampler, latent decoder or None) of a run."""
     from shortcut import assembly
-    from shortcut.stages import TeacherError, load_ema_params
+    from shortcut.record import RunDir
+    from shortcut.teacher import TeacherError, load_params
 
     try:
-        params, step = load_ema_params(rundir / "checkpoints", "ema_params" if spec.eval.params == "ema" else "params")
+        params, step = load_params(RunDir(rundir), ema=spec.eval.params == "ema")
     except TeacherError as e:
         raise GenerateError(f"{e}; nothing to sample from in {rundir}") from None
     if record.get("status") != "finished":

@@ -298,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
 
     try:
         spec = load_spec(args.spec, args.overrides)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from shortcut.errors import ShortcutError
-from shortcut.spec import list_specs, list_tables, load_spec, to_yaml
+from shortcut.spec_files import list_specs, list_tables, load_spec, to_yaml
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     try:
         from orchestration.execution import jobs
-        from orchestration.execution.graph import is_table
+        from orchestration.execution.graph import find_table
 
-        table = is_table(args.name)
+        table = find_table(args.name)
         spec = None if table else load_spec(args.name, args.overrides, smoke=args.smoke)
         if args.print_spec:
-            return _print(args, spec)
+            return _print(args, table, spec)
         if args.plan:
             if spec is None:
                 parser().error("--plan takes an experiment spec, not a table")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.in_process and jobs.is_job_address(address):
             return jobs.submit_and_follow(_job_argv(argv, args), address, name=args.name)
         if table:
-            return _run_table(args, address)
+            return _run_table(args, table, address)
         return _run_one(args, spec, address)
     except ShortcutError as e:  # one line; exit 2 when the input was rejected before anything was written
         print(f"error: {e}", file=sys.stderr)
@@ -133,11 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _print(args, spec) -> int:
+def _print(args, table, spec) -> int:
     if spec is None:
-        from orchestration.execution.graph import build, load_table
+        from orchestration.execution.graph import build
 
-        table = load_table(args.name)
         nodes = build(table, tuple(args.overrides), smoke=args.smoke)
         seeds = sorted({n.spec.seed for n in nodes.values()})
         print(f"# {table.name}: {len(nodes)} experiments, seed{'s' if len(seeds) > 1 else ''} "
@@ -194,96 +193,48 @@ def _launch_kwargs(args, workdir: str) -> dict:
 
 
 def _run_one(args, spec, address: str | None) -> int:
-    """One experiment, after any teacher of it that has no finished run in the work directory (the library
-    never trains a teacher: the teachers here, and a table's graph, run them first as runs of their own)."""
-    from shortcut import record
+    """One experiment: the graph of the spec after any teacher of it that has no finished run in the work
+    directory (the library never trains a teacher: the graph runs it first, as a run of its own)."""
+    from orchestration.execution import graph
+    from orchestration.reporting.console import RunReport
 
     workdir = str(Path(args.workdir or spec.output.workdir).expanduser().resolve())
     kwargs = _launch_kwargs(args, workdir)
-    connected = False
+    nodes = graph.of_spec(spec)
     if not args.in_process:  # before starting Ray: a run directory in use is one line, at once
         _fail_if_locked(args, spec, workdir)
-    for step in [*_missing_teachers(spec, workdir), spec]:
-        if step is not spec:
-            print(f"{spec.name}: its teacher {step.name} has no finished run in {workdir}; running it first",
-                  file=sys.stderr)
-        if not args.in_process and not connected:
-            from orchestration.execution import cluster
+        from orchestration.execution import cluster
 
-            resources_now = cluster.connect(address, num_cpus=args.cpus)
-            connected = True
-        result = _launch(args, step, kwargs, None if args.in_process else resources_now, address)
-        print(result["summary"])
-        if result.get("exported"):
-            print(f"  results record: {result['exported']}")
-        if result.get("kept_record"):
-            from orchestration.execution.worker import kept_lines
-
-            print("\n".join(kept_lines(result)))
-        if not record.finished(result):
-            return 1
-    return 0
-
-
-def _missing_teachers(spec, workdir: str) -> list:
-    """The spec's chain of teachers without a finished run in `workdir`, the farthest first."""
-    from shortcut import record
-
-    chain, s = [], spec
-    while s.teacher is not None:
-        s = s.teacher_spec()
-        if not record.finished(record.read(record.run_dir(s, workdir)), s.hash()):
-            chain.append(s)
-    return chain[::-1]
+        resources_now = cluster.connect(address, num_cpus=args.cpus)
+        graph.mark_cached(nodes, Path(workdir))
+        for node in (n for n in nodes.values() if n.status != graph.Status.CACHED):
+            warning = cluster.check_feasible(node.spec.resources, resources_now, node.spec.name, local=not address)
+            if warning:
+                print(warning, file=sys.stderr)
+    nodes = graph.execute(nodes, workdir=Path(workdir), launch_kwargs=kwargs, report=RunReport(spec, workdir),
+                          in_process=args.in_process, fail_fast=True)
+    return 0 if all(n.status in graph.DONE for n in nodes.values()) else 1
 
 
 def _fail_if_locked(args, spec, workdir: str) -> None:
     """RunLocked (one line, exit 1) if another process holds this spec's run directory, unless --wait."""
-    from shortcut import run_lock
-    from shortcut.record import run_dir
+    from shortcut.record import RunDir
+    from shortcut.run_lock import RunLocked
 
-    holder = None if args.wait else run_lock.holder(run_dir(spec, workdir))
+    rundir = RunDir.of(spec, workdir)
+    holder = None if args.wait else rundir.holder()
     if holder is not None:
-        raise run_lock.RunLocked(run_dir(spec, workdir), holder)
+        raise RunLocked(rundir.path, holder)
 
 
-def _launch(args, spec, kwargs: dict, resources_now, address: str | None) -> dict:
-    """Run one spec in this process or as a Ray task, and return the worker's result."""
-    from orchestration.execution import cluster, worker
-
-    if args.in_process:
-        return worker.execute(spec.model_dump(mode="json"), **kwargs)
-    import ray
-
-    _fail_if_locked(args, spec, kwargs["workdir"])  # now, not in the worker (it would find it locked too)
-    resources = spec.resources
-    warning = cluster.check_feasible(resources, resources_now, spec.name, local=not address)
-    if warning:
-        print(warning, file=sys.stderr)
-    ref = cluster.launch(spec.model_dump(mode="json"), resources, **kwargs)
-    try:
-        return ray.get(ref)
-    except KeyboardInterrupt:
-        print("interrupted: stopping the run (it checkpoints first) ...", file=sys.stderr)
-        cluster.cancel([ref])
-        raise
-    except ray.exceptions.RayError as e:
-        from orchestration.execution.killed import killed
-        from shortcut.record import run_dir
-
-        raise killed(e, run_dir(spec, kwargs["workdir"])) or cluster.cause(e) from None
-    finally:
-        cluster.release(ref)
-
-
-def _run_table(args, address: str | None) -> int:
+def _run_table(args, table, address: str | None) -> int:
     import time
 
     from orchestration import make_tables
     from orchestration.execution import cluster, graph
+    from orchestration.reporting.console import TableReport
     from shortcut.record import run_dir
 
-    table = graph.load_table(args.name)
     nodes = graph.build(table, tuple(args.overrides), smoke=args.smoke)
     workdir = Path(args.workdir or "runs").expanduser().resolve()
     kwargs = _launch_kwargs(args, str(workdir))
@@ -303,9 +254,9 @@ def _run_table(args, address: str | None) -> int:
         warning = cluster.check_feasible(node.spec.resources, resources_now, node.spec.name, local=not address)
         if warning:
             print(warning, file=sys.stderr)
-    t0 = time.time()
-    nodes = graph.execute(table, nodes, workdir=workdir, launch_kwargs=kwargs)
-    print(graph.summary(table, nodes, time.time() - t0))
+    t0, report = time.time(), TableReport(table.name)
+    nodes = graph.execute(nodes, workdir=workdir, launch_kwargs=kwargs, report=report)
+    print(report.summary(nodes, time.time() - t0))
     tables_args = ["--results-dir", kwargs["results_dir"]] + (["--replace-record"] if kwargs["replace_record"] else [])
     if args.smoke:
         tables_args += ["--include-smoke", "--export", str(workdir)]
@@ -314,7 +265,7 @@ def _run_table(args, address: str | None) -> int:
         if tables_args[-1] == "--export":
             tables_args.pop()
     make_tables.main(tables_args)
-    return 0 if all(n.status in ("finished", "cached") for n in nodes.values()) else 1
+    return 0 if all(n.status in graph.DONE for n in nodes.values()) else 1
 
 
 if __name__ == "__main__":

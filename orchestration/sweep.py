@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from shortcut.errors import ShortcutError
-from shortcut.spec import Spec, SpecError, load_spec, parse_value, spec_path, validate
+from shortcut.spec import Spec, SpecError, with_values
+from shortcut.spec_files import load_spec, parse_value, spec_path
 
 STATE_FILE = "shortcut_sweep.json"  # beside Tune's own state: the parent MLflow run, the resolved spec
 
@@ -52,26 +53,13 @@ def param_space(spec: Spec) -> dict:
     return {key: kinds[kind](values) for key, dist in spec.sweep.space.items() for kind, values in dist.items()}
 
 
-def with_values(tree: dict, values: dict) -> dict:
-    """A copy of a spec tree with dotted keys set to values."""
-    tree = copy.deepcopy(tree)
-    for key, value in values.items():
-        node = tree
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return tree
-
-
 def check_space(spec: Spec) -> None:
     """Fail before any trial starts when a value of the space does not make a valid spec."""
-    tree = spec.model_dump(mode="json")
     for key, dist in spec.sweep.space.items():
         kind, values = next(iter(dist.items()))
         for v in (values if kind in ("choice", "grid") else values[:2]):
             try:
-                validate(with_values(tree, {key: v}), {}, default_source=f"{spec.name}: sweep.space.{key}={v!r}")
+                spec.with_values({key: v}, f"{spec.name}: sweep.space.{key}={v!r}")
             except SpecError as e:
                 raise SpecError(f"{spec.name}: sweep.space", key, f"value {v!r} gives an invalid spec: "
                                                                   f"{e.key}: {e.message}") from None
@@ -128,8 +116,8 @@ def restore_checkpoint(run_dir: Path) -> int | None:
         return max((int(p.name) for p in steps), default=None)
 
 
-def trial(config: dict, *, base_tree: dict, launch_kwargs: dict, parent_run_id: str | None) -> None:
-    """One trial (runs in a Tune worker): the spec with `config` set, trained and evaluated."""
+def trial(config: dict, *, base: Spec, launch_kwargs: dict, parent_run_id: str | None) -> None:
+    """One trial (runs in a Tune worker): the resolved spec `base` with `config` set, trained and evaluated."""
     import dataclasses
 
     from ray import tune
@@ -138,20 +126,19 @@ def trial(config: dict, *, base_tree: dict, launch_kwargs: dict, parent_run_id: 
     from shortcut.record import run_dir
     from shortcut.run_lock import RunLock
 
-    tree = with_values(base_tree, config)
-    spec = validate(tree, {}, default_source=f"{base_tree['name']} trial")
+    spec = base.with_values(config, f"{base.name} trial")
     # only into a run directory no other process writes (e.g. this trial's earlier attempt, still alive)
     with RunLock(run_dir(spec, launch_kwargs["workdir"])).acquire(wait=True) as lock:
         resumed_at = restore_checkpoint(lock.rundir)
     if resumed_at is not None:
         print(f"trial {tune.get_context().get_trial_id()}: resuming from its checkpoint at step {resumed_at}")
     tracking = launch_kwargs["tracking"]
-    tags = dict(tracking.tags, sweep=base_tree["name"], sweep_trial=tune.get_context().get_trial_id())
+    tags = dict(tracking.tags, sweep=base.name, sweep_trial=tune.get_context().get_trial_id())
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     # a run directory in use elsewhere (a plain run of the same values): wait for that run's record
     kwargs = dict(launch_kwargs, tracking=dataclasses.replace(tracking, tags=tuple(tags.items())), on_locked="record")
-    outcome = execute(tree, hooks=(TuneReporter(),), **kwargs)
+    outcome = execute(spec, hooks=(TuneReporter(),), **kwargs)
     if outcome["status"] not in ("finished", "stopped"):
         raise RuntimeError(f"trial run {outcome['run_dir']} ended {outcome['status']}: {outcome.get('error')}")
 
@@ -214,7 +201,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
     state_path = sweep_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if resume and state.get("spec"):  # continue with the spec the sweep started with, whatever --set says now
-        spec = validate(state["spec"], {}, default_source=f"{sweep_dir / STATE_FILE}")
+        spec = Spec.from_tree(state["spec"], f"{sweep_dir / STATE_FILE}")
         overrides = tuple(state.get("overrides", ()))
     cfg, metric = spec.sweep, metric_of(spec)
     check_space(spec)
@@ -236,10 +223,10 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
     try:
         parent = _parent_run(client, state, spec)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        state.update(parent_run_id=parent, spec=spec.model_dump(mode="json"), overrides=list(overrides), metric=metric)
+        state.update(parent_run_id=parent, spec=spec.to_tree(), overrides=list(overrides), metric=metric)
         state_path.write_text(json.dumps(state, indent=2))
 
-        trainable = tune.with_parameters(trial, base_tree=spec.model_dump(mode="json"),
+        trainable = tune.with_parameters(trial, base=spec,
                                          launch_kwargs=launch_kwargs, parent_run_id=parent)
         per_trial = {"cpu": resources.cpus, "gpu": resources.gpus}
         if resources.tpus:

@@ -1,7 +1,9 @@
-"""One place that turns a spec into the parts of a run: network, objective, optimiser, sampler, codec.
+"""One place that turns a spec into the parts of a run: network, objective, optimiser, sampler, codec, and
+its teacher's parts.
 
-Every caller (a run, a teacher's pair generation, `generate`, `import_checkpoint`, the memory check and
-plan, the benchmarks) builds through `build(spec)`, so none of them can assemble a run differently.
+Every caller (a run, `generate`, `import_checkpoint`, the memory check and plan, the benchmarks) builds
+through `build(spec)`, so none of them can assemble a run differently; a run builds them once and hands the
+same parts to its memory check, its training and its teacher (whose network and sampler are `teacher`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ class Parts:
 
         return LatentCodec.from_spec(lat, self.spec.smoke, batch_size=lat.batch_size, seed=self.spec.seed,
                                      path=lat.weights)
+
+    @functools.cached_property
+    def teacher(self) -> "Parts | None":
+        """The parts of the spec's teacher (its network, objective and sampler), None without one."""
+        teacher = self.spec.teacher_spec()
+        return None if teacher is None else build(teacher)
 
 
 def build(spec: Spec) -> Parts:

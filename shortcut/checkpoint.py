@@ -30,7 +30,7 @@ class CheckpointError(ShortcutError, RuntimeError):
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with two items: `state` and `data` (iterator bytes)."""
 
-    def __init__(self, directory: str | Path, *, keep: int):
+    def __init__(self, directory: str | Path, *, keep: int | None = None):
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -53,13 +53,27 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, bytes]:
-        """Restore (state, data iterator bytes); `abstract_state` gives the tree structure and dtypes."""
+    def restore(self, step: int, like: Any) -> tuple[Any, bytes]:
+        """Restore (state, data iterator bytes) with the tree structure, dtypes and shardings of `like` (arrays
+        or their jax.ShapeDtypeStruct)."""
+        abstract_state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), like)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
         return restored["state"], base64.b64decode(restored["data"]["iterator"])
+
+    def restore_state(self, step: int) -> Any:
+        """The training state saved at `step` as a plain tree, read without knowing its structure (e.g. a
+        teacher's, whose objective's `aux` the reader does not have)."""
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+    def resume(self, like: Any, *, log: Callable[[str], None] = print,
+               set_aside: bool = False) -> tuple[int, tuple[Any, bytes]] | None:
+        """`(step, (state, data iterator bytes))` of the newest readable step, the state with the structure and
+        shardings of `like`; None when there is no checkpoint (`restore_latest` says what is skipped)."""
+        return self.restore_latest(lambda step: self.restore(step, like), log=log, set_aside=set_aside)
 
     def restore_latest(self, read: Callable[[int], T], *, log: Callable[[str], None] = print,
                        set_aside: bool = False) -> tuple[int, T] | None:

@@ -2,7 +2,8 @@
 
 A run's record carries `compute`: the FLOPs of one compiled train step (forward and backward, and every
 bootstrap, teacher or pair-generating forward inside it) times the steps trained, plus, for a student, its
-teacher's whole compute and the teacher's sampling of any stored pairs (reflow). Equal steps are not equal
+teacher's whole compute, and what its method spent on its training data first (reflow: the teacher's
+sampling of its stored pairs). Equal steps are not equal
 budgets: this is what makes two rows of a table comparable.
 """
 
@@ -45,15 +46,17 @@ def teacher_compute(teacher_run_dir: str | Path) -> dict | None:
 
 
 def run_compute(step_flops: float | None, steps: int, teacher: dict | None = None,
-                pairs_flops: float | None = None, has_teacher: bool = False) -> dict:
-    """The `compute` section of a run record; `total_flops` is None when any part is unknown."""
+                preparation: dict[str, float | None] | None = None, has_teacher: bool = False) -> dict:
+    """The `compute` section of a run record; `total_flops` is None when any part is unknown. `preparation`:
+    what the method spent on its training data before the first step, by key (Objective.preparation_flops;
+    an unknown figure is left out)."""
     train = None if step_flops is None else step_flops * steps
     teacher_total = (teacher or {}).get("total_flops")
-    parts = [train] + ([teacher_total] if has_teacher else []) + ([pairs_flops] if pairs_flops is not None else [])
+    known = {k: v for k, v in (preparation or {}).items() if v is not None}
+    parts = [train] + ([teacher_total] if has_teacher else []) + list(known.values())
     out = {"train_step_flops": step_flops, "steps": int(steps), "train_flops": train, "source": SOURCE}
     if has_teacher:
         out["teacher_flops"] = teacher_total
-    if pairs_flops is not None:
-        out["pairs_flops"] = pairs_flops
+    out.update(known)
     out["total_flops"] = None if any(p is None for p in parts) else float(sum(parts))
     return out

@@ -7,7 +7,7 @@ placement rule of shortcut/sharding.py (`Parallel.array_sharding`: replicated un
 split along its largest dimension the device count divides, arrays under `MIN_SHARD_BYTES` replicated).
 
 `check_fits(spec, available_bytes, ...)` raises `MemoryPlanError` with one line when the state and one batch
-alone exceed a device's memory; `check_run_fits(spec)` does it against this machine's devices before a run
+alone exceed a device's memory; `check_run_fits(spec, parts=)` does it against this machine's devices before a run
 allocates anything (shortcut/run.py). The check is a lower bound: activations and XLA's temporaries come on
 top (the planner, `run_experiment SPEC --plan TOPOLOGY`, compiles the real step to measure those), so a run it
 lets through may still run out of memory, but one it stops could never have fitted.
@@ -34,14 +34,12 @@ class MemoryPlanError(InputError, RuntimeError):
     """A spec cannot fit the devices it would run on; the one-line message gives both figures and the remedy."""
 
 
-def abstract_teacher_params(spec: Spec) -> Any:
-    """Shapes of the teacher's parameters (what `init_state(..., teacher_params=)` receives), None without one."""
-    if spec.teacher is None:
+def abstract_teacher_params(parts) -> Any:
+    """Shapes of the teacher's parameters (what `init_state(..., teacher_params=)` receives) of a run whose
+    parts (assembly.Parts) are `parts`, None without a teacher."""
+    if parts.teacher is None:
         return None
-    from shortcut import assembly
-
-    tspec = spec.teacher_spec()
-    model = assembly.build(tspec).model
+    tspec, model = parts.teacher.spec, parts.teacher.model
     x = jax.ShapeDtypeStruct((1, *tspec.input_shape), np.float32)
     one = jax.ShapeDtypeStruct((1,), np.float32)
     labels = jax.ShapeDtypeStruct((1,), np.int32)
@@ -59,7 +57,7 @@ def abstract_state(spec: Spec, *, parts=None):
 
     parts = parts if parts is not None else assembly.build(spec)
     with _traced_pos_embed():
-        teacher = abstract_teacher_params(spec)
+        teacher = abstract_teacher_params(parts)
         return jax.eval_shape(lambda tp: init_state(spec, parts.model, parts.optimizer, parts.objective,
                                                     teacher_params=tp), teacher)
 
@@ -80,13 +78,11 @@ def _traced_pos_embed():
 
 
 def abstract_batch(spec: Spec, batch_size: int | None = None, objective=None) -> dict:
-    """One global training batch as the train step receives it (reflow's pairs carry their noise too)."""
+    """One global training batch as the train step receives it (the objective's `batch_inputs`)."""
     b = spec.train.batch_size if batch_size is None else batch_size
     image = jax.ShapeDtypeStruct((b, *spec.input_shape), np.float32)
-    batch = {"image": image, "label": jax.ShapeDtypeStruct((b,), np.int32)}
-    if getattr(objective, "uses_pairs", False):
-        batch["noise"] = image
-    return batch
+    label = jax.ShapeDtypeStruct((b,), np.int32)
+    return {"image": image, "label": label} if objective is None else objective.batch_inputs(image, label)
 
 
 class _CountedDevices:
@@ -206,13 +202,13 @@ def device_available_bytes(devices=None) -> tuple[float | None, str]:
                                          f"each of this host's {len(devices)} devices (sharing {gib(host)})")
 
 
-def check_run_fits(spec: Spec) -> dict | None:
-    """Before a run allocates: raise MemoryPlanError when its state cannot fit this machine's devices.
-    SHORTCUT_SKIP_MEMORY_CHECK=1 skips the check."""
+def check_run_fits(spec: Spec, *, parts=None) -> dict | None:
+    """Before a run allocates: raise MemoryPlanError when its state cannot fit this machine's devices
+    (`parts`: the run's assembly.Parts). SHORTCUT_SKIP_MEMORY_CHECK=1 skips the check."""
     if os.environ.get("SHORTCUT_SKIP_MEMORY_CHECK") == "1":
         return None
     available, where = device_available_bytes()
     if available is None:
         return None
     n = jax.device_count()
-    return check_fits(spec, available, devices=n, where=where)
+    return check_fits(spec, available, devices=n, where=where, state=abstract_state(spec, parts=parts))

@@ -14,6 +14,8 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shortcut.errors import KeyedValueError, first_error
+
 ENTRY_POINT_GROUP = "shortcut.methods"
 
 
@@ -40,14 +42,6 @@ def display_name(name: str) -> str:
 def table_order(name: str) -> float:
     """A method's row order in tables (methods not installed here come last)."""
     return objective_class(name).table_order if name in _entry_points() else float("inf")
-
-
-class KeyedValueError(ValueError):
-    """A validation failure that knows the spec key it is about (e.g. `method.bootstrap_fraction`)."""
-
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, message
-        super().__init__(message)
 
 
 class MethodConfig(BaseModel):
@@ -89,13 +83,7 @@ def parse_config(value: Any) -> MethodConfig:
     try:
         return config_cls.model_validate(value)
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        key = "method." + ".".join(str(p) for p in err["loc"])
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        message = message[0].lower() + message[1:]
-        if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), (dict, list)):
-            message += f", got {err.get('input')!r}"
-        raise KeyedValueError(key, message) from None
+        raise KeyedValueError(*first_error(e, prefix="method.")) from None
 
 
 def make_objective(spec) -> Any:

@@ -127,7 +127,6 @@ class Objective:
     groups: tuple[str, ...] = ("flow",)  # names of Targets.group values, for loss logging
     display_name: str = ""  # the method's name in tables (default: its spec name, title-cased)
     table_order: float = 100.0  # row order in tables: Table 1's end-to-end methods, then two-phase ones
-    uses_pairs: bool = False  # trains on (noise, sample) pairs its teacher generates (shortcut/stages.py)
 
     def __init__(self, config: MethodConfig, *, num_classes: int):
         self.config = config
@@ -146,7 +145,30 @@ class Objective:
     @property
     def init_from_teacher(self) -> bool:
         """Whether the student starts from its teacher's weights (a config option of distillation methods)."""
-        return bool(getattr(self.config, "init_from_teacher", False))
+        return False
+
+    @property
+    def teacher_in_student_network(self) -> bool:
+        """Whether the teacher's parameters go through the student's network (distillation, a warm start), so
+        that both must have the same architecture; a method that only samples from its teacher says no."""
+        return True
+
+    def training_data(self, dataset: Callable[[], Any], *, spec, teacher, rundir, log: Callable[[str], None]) -> Any:
+        """The iterator of training batches (this process's): by default the spec's dataset, `dataset()` (made
+        only when called). A method that trains on something else makes it here from its `teacher`
+        (shortcut/teacher.py Teacher), in its run directory `rundir` (reflow: pairs its teacher generates),
+        or wraps `dataset()`."""
+        return dataset()
+
+    def batch_inputs(self, image, label) -> dict:
+        """One training batch as the train step receives it, from the dataset's image and label arrays (or
+        their shapes): what `training_data` yields. A method whose data carries more adds it here."""
+        return {"image": image, "label": label}
+
+    def preparation_flops(self, spec, teacher) -> dict[str, float | None]:
+        """Compute spent on the run's training data before its first step, beyond the teacher's own training,
+        by its key in the record's `compute` (reflow: {"pairs_flops": the teacher's sampling}); none by default."""
+        return {}
 
     def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         """Regression targets for a batch {"image": [B,H,W,C] in [-1,1], "label": [B], ...}."""

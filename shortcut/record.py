@@ -1,13 +1,16 @@
 """The run record (`run.json`) and the run directory it lives in: one place that reads, writes and judges them.
 
-A run's directory is `<workdir>/<spec name>/<spec hash[:12]>/`; its record says how the run ended in
-`status`, one of STATUSES. Writes are atomic (a reader never sees half a record), and a record is
-*finished* only for the spec hash it was made for.
+A run's directory is `<workdir>/<spec name>/<spec hash[:12]>/` (`RunDir`): its record, its lock
+(shortcut/run_lock.py) and its checkpoints (shortcut/checkpoint.py). The record says how the run ended in
+`status`, a `Status`. Writes are atomic (a reader never sees half a record), and a record is *finished*
+only for the spec hash it was made for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import enum
 import json
 import os
 import subprocess
@@ -16,9 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
-RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED = "running", "finished", "failed", "interrupted", "stopped"
-KILLED = "killed"  # its process died without an exception; written by the driver (orchestration/execution/killed.py)
-STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED, KILLED)
+
+
+class Status(enum.StrEnum):
+    """How a run stands, as its record says (a plain string in run.json)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM; the last checkpoint is kept
+    STOPPED = "stopped"  # a hook ended training on purpose (a sweep's early stopping)
+    KILLED = "killed"  # its process died without an exception; written by the driver (orchestration/execution/killed.py)
+
+
+RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED, KILLED = Status
+STATUSES = tuple(Status)
 FILE = "run.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +41,66 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def run_dir(spec, workdir: str | Path | None = None) -> Path:
     """Where a spec's run lives: `<workdir>/<name>/<hash[:12]>/` (workdir: the spec's output.workdir)."""
     return Path(workdir or spec.output.workdir) / spec.name / spec.hash()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """One run's directory: its record (run.json), its lock's holder and its checkpoints."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, spec, workdir: str | Path | None = None) -> "RunDir":
+        return cls(run_dir(spec, workdir))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def read(self) -> dict | None:
+        """The record, None when there is none (or it does not parse)."""
+        return read(self.path)
+
+    def write(self, record: dict) -> None:
+        """Write the record atomically."""
+        write(self.path, record)
+
+    def status(self) -> Status | None:
+        record = self.read()
+        return Status(record["status"]) if record and record.get("status") in STATUSES else None
+
+    def finished(self, spec_hash: str | None = None) -> dict | None:
+        """The record if it is of a finished run (of the spec with `spec_hash`, when given), else None."""
+        record = self.read()
+        return record if finished(record, spec_hash) else None
+
+    def holder(self) -> dict | None:
+        """Who holds the run directory's lock now (shortcut/run_lock.py), None when it is free."""
+        from shortcut import run_lock
+
+        return run_lock.holder(self.path)
+
+    def lock(self):
+        """The run directory's lock (shortcut/run_lock.py RunLock), not yet taken."""
+        from shortcut.run_lock import RunLock
+
+        return RunLock(self.path)
+
+    def checkpointer(self, keep: int | None = None):
+        """The Orbax checkpoints of the run (shortcut/checkpoint.py Checkpointer); close it after use."""
+        from shortcut.checkpoint import Checkpointer
+
+        return Checkpointer(self.checkpoints, keep=keep)
+
+    def latest_step(self) -> int | None:
+        """The step of the latest checkpoint, None when there is none."""
+        if not self.checkpoints.is_dir():
+            return None
+        checkpointer = self.checkpointer()
+        try:
+            return checkpointer.latest_step()
+        finally:
+            checkpointer.close()
 
 
 def now() -> str:
@@ -60,6 +135,13 @@ def read(rundir: str | Path) -> dict | None:
 
 def write(rundir: str | Path, record: dict) -> None:
     write_json(Path(rundir) / FILE, record)
+
+
+def last_evaluation(record: dict) -> list[dict]:
+    """The record's evaluation entries of its last evaluated training step ([] when none)."""
+    entries = record.get("evaluation") or []
+    last = max((e["train_step"] for e in entries), default=None)
+    return [e for e in entries if e["train_step"] == last]
 
 
 def finished(record: dict | None, spec_hash: str | None = None) -> bool:

@@ -18,17 +18,17 @@ import jax
 from clu import parameter_overview
 
 from shortcut import data as data_lib
-from shortcut import assembly, compute, stages
+from shortcut import assembly, compute
+from shortcut import teacher as teacher_lib
 from shortcut import record as record_lib
+from shortcut.checkpoint import remove_partial_saves
 from shortcut.errors import ShortcutError
-from shortcut.record import run_dir
-from shortcut.checkpoint import Checkpointer, remove_partial_saves
 from shortcut.evaluate import evaluate, load_metric, smoke_metric
+from shortcut.record import RunDir, Status, last_evaluation
 from shortcut.run_lock import RunLock
 from shortcut.sharding import Parallel
 from shortcut.spec import Spec, SpecError
-from shortcut.train import StopTraining, init_state, make_train_step, restore, train
-
+from shortcut.train import StopTraining, init_state, make_train_step, train
 
 
 class UnsupportedError(ShortcutError, RuntimeError):
@@ -99,21 +99,22 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
     the run of a spec in its --smoke form (shortcut.spec.smoke_version)."""
     from shortcut.memory import check_run_fits
 
-    check_run_fits(spec)  # MemoryPlanError (one line) before anything is written or allocated
-    rundir = run_dir(spec, workdir)
-    rundir.mkdir(parents=True, exist_ok=True)
+    parts = assembly.build(spec)  # once: the memory check, the run and its teacher share them
+    check_run_fits(spec, parts=parts)  # MemoryPlanError (one line) before anything is written or allocated
+    rundir = RunDir.of(spec, workdir)
+    rundir.path.mkdir(parents=True, exist_ok=True)
     # one writer per run directory (process 0 of a multi-host run writes for all), before anything is written
-    lock = RunLock(rundir).acquire(wait=on_locked != "fail", log=log) if jax.process_index() == 0 else None
-    if lock and lock.waited and on_locked == "record" and (done := _finished_by_holder(spec, rundir, eval_only)):
-        return _replay(done, tracker, lock)
+    lock = rundir.lock().acquire(wait=on_locked != "fail", log=log) if jax.process_index() == 0 else None
+    if lock and lock.waited and on_locked == "record" and not eval_only and (done := rundir.finished(spec.hash())):
+        return _replay(done, tracker, lock)  # the run that held it while we waited finished this very spec
     if lock:
-        remove_partial_saves(rundir / "checkpoints", log=log)  # a killed run's; the lock holder's job only
-    previous = record_lib.read(rundir)
+        remove_partial_saves(rundir.checkpoints, log=log)  # a killed run's; the lock holder's job only
+    previous = rundir.read()
     record = previous if eval_only and previous else {}
     record.update({
-        "name": spec.name, "spec_hash": spec.hash(), "smoke": spec.smoke, "status": "running",
+        "name": spec.name, "spec_hash": spec.hash(), "smoke": spec.smoke, "status": Status.RUNNING,
         "data": "mock (random) data, for a pipeline check only" if spec.smoke else spec.data.dataset,
-        **record_lib.git_provenance(), "started": record_lib.now(), "run_dir": str(rundir),
+        **record_lib.git_provenance(), "started": record_lib.now(), "run_dir": str(rundir.path),
         "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
         "host": socket.gethostname(), "pid": os.getpid(), "versions": _versions(),
         "spec": spec.model_dump(mode="json"),
@@ -124,24 +125,24 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
         # last step compiles no train step)
         record.update({k: previous[k] for k in ("curve", "compute") if previous.get(k)})
     record.setdefault("curve", [])
-    record_lib.write(rundir, record)
+    rundir.write(record)
     if tracker is not None:  # e.g. orchestration.tracking.tracker.Tracker; its hooks never raise
         tracker.start(record)
     try:
-        _run(spec, rundir, eval_only, record, log, tracker)
-        record["status"] = "finished"
+        _run(parts, rundir, eval_only, record, log, tracker)
+        record["status"] = Status.FINISHED
         return record
     except StopTraining as e:  # a hook (e.g. a sweep's early stopping) ended training on purpose
-        record["status"], record["stopped"] = "stopped", str(e)
+        record["status"], record["stopped"] = Status.STOPPED, str(e)
         return record
     except BaseException as e:  # the record says how the run ended, whatever ended it
-        record["status"] = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+        record["status"] = Status.INTERRUPTED if isinstance(e, (KeyboardInterrupt, SystemExit)) else Status.FAILED
         record["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
         try:
             record["finished"] = record_lib.now()
-            record_lib.write(rundir, record)
+            rundir.write(record)
             if tracker is not None:
                 tracker.end(record)
         finally:
@@ -149,68 +150,61 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
                 lock.release()
 
 
-def _finished_by_holder(spec: Spec, rundir: Path, eval_only: bool) -> dict | None:
-    """The record of the run that held `rundir` while this one waited, if it finished this very spec."""
-    record = record_lib.read(rundir)
-    return record if not eval_only and record_lib.finished(record, spec.hash()) else None
-
-
 def _replay(record: dict, tracker, lock: RunLock) -> dict:
     """Another process ran this spec while we waited: its record goes to the hooks (a sweep's Tune
     reporter, a table's progress board, MLflow: synced again, idempotently) as if this run had made it."""
     try:
         if tracker is not None:
-            last = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
             tracker.start(record)
             with contextlib.suppress(StopTraining):
-                tracker.log_evaluation([e for e in record.get("evaluation", []) if e["train_step"] == last])
+                tracker.log_evaluation(last_evaluation(record))
             tracker.end(record)
         return record
     finally:
         lock.release()
 
 
-def _run(spec: Spec, rundir: Path, eval_only: bool, record: dict, log, tracker=None) -> None:
+def _run(parts: assembly.Parts, rundir: RunDir, eval_only: bool, record: dict, log, tracker=None) -> None:
     t0 = time.perf_counter()
+    spec = parts.spec
     # fail before training if weights or statistics are missing
     metric = smoke_metric(spec) if spec.smoke else load_metric(spec)
     if spec.smoke:
         record["evaluation_note"] = (metric.note if metric else
                                      "--smoke: mock data has no reference statistics, so no metric")
-    parts = assembly.build(spec)
     objective, model, apply_fn, optimizer, sampler = (parts.objective, parts.model, parts.apply_fn, parts.optimizer,
                                                       parts.sampler)
     codec = describe_codec(parts, record)
     parallel = Parallel.create(spec.train.batch_size, spec.resources.sharding)
-    # A `teacher:` spec's finished run is found in the same work directory (shortcut/stages.py).
-    teacher = stages.resolve_teacher(spec, rundir.parents[1], log=log)
+    # A `teacher:` spec's finished run is found in the same work directory (shortcut/teacher.py).
+    teacher = teacher_lib.resolve(parts, rundir.path.parents[1], log=log)
     if teacher is not None:
         record["teacher"] = teacher.summary()
     teacher_flops = compute.teacher_compute(teacher.run_dir) if teacher is not None else None
-    pairs_flops = stages.pairs_flops(spec, objective, teacher)
-    # compute spent before this run's first step: its teacher's and the teacher's pair sampling
-    offset = sum(x or 0.0 for x in ((teacher_flops or {}).get("total_flops"), pairs_flops))
+    preparation = objective.preparation_flops(spec, teacher)  # e.g. the teacher's sampling of reflow's pairs
+    # compute spent before this run's first step: its teacher's and the method's preparation of its data
+    offset = sum(x or 0.0 for x in ((teacher_flops or {}).get("total_flops"), *preparation.values()))
     data = None
-    if not eval_only:  # reflow trains on the teacher's generated pairs, every other method on the dataset
-        data = stages.training_data(spec, objective, teacher, rundir, log=log)
-        data = make_data(spec, codec, rundir, log) if data is None else data
+    if not eval_only:  # the dataset, unless the method trains on data of its own (reflow: its teacher's pairs)
+        data = objective.training_data(lambda: make_data(spec, codec, rundir.path, log), spec=spec, teacher=teacher,
+                                       rundir=rundir.path, log=log)
     state = init_state(spec, model, optimizer, objective, teacher_params=teacher.params if teacher else None)
-    state = parallel.place(stages.start_from_teacher(spec, state, objective, teacher))
+    state = parallel.place(teacher_lib.start_from_teacher(spec, state, objective, teacher))
 
     overview = parameter_overview.get_parameter_overview(state.params, include_stats=False)
-    (rundir / "params.txt").write_text(overview + "\n")
+    (rundir.path / "params.txt").write_text(overview + "\n")
     n_params = parameter_overview.count_parameters(state.params)
     record["num_params"] = n_params
     log(f"{spec.name} [{spec.hash()[:12]}] {spec.method.name}, DiT hidden {spec.model.hidden_size} depth "
-        f"{spec.model.depth}: {n_params:,} parameters (table in {rundir / 'params.txt'})")
+        f"{spec.model.depth}: {n_params:,} parameters (table in {rundir.path / 'params.txt'})")
 
     timings = record.setdefault("timings", {})
     timings["setup_s"] = time.perf_counter() - t0
 
     def on_compiled(step_flops: float | None) -> None:
-        record["compute"] = compute.run_compute(step_flops, spec.train.steps, teacher_flops, pairs_flops,
+        record["compute"] = compute.run_compute(step_flops, spec.train.steps, teacher_flops, preparation,
                                                 has_teacher=teacher is not None)
-        record_lib.write(rundir, record)
+        rundir.write(record)
 
     def add_curve(entries: list[dict], step: int) -> None:
         """Convergence-curve points from evaluation entries at the curve's settings."""
@@ -225,38 +219,38 @@ def _run(spec: Spec, rundir: Path, eval_only: bool, record: dict, log, tracker=N
             record["curve"] = sorted([p for p in record["curve"] if (p["train_step"], p["setting"]) not in done] +
                                      points, key=lambda p: (p["train_step"], p["num_steps"]))
 
+    def evaluated(state, step: int, **kwargs) -> tuple[list[dict], dict]:
+        """(entries, sample grids) of an evaluation at `step`, with the parameters `eval.params` names."""
+        params = state.ema_params if spec.eval.params == "ema" else state.params
+        return evaluate(spec, metric, sampler, params, objective=objective, train_step=step, rundir=rundir.path,
+                        log=log, decode=codec.decode if codec else None, **kwargs)
+
     def curve_at(state, step: int) -> None:
         t = time.perf_counter()
-        params = state.ema_params if spec.eval.params == "ema" else state.params
-        entries, _ = evaluate(spec, metric, sampler, params, objective=objective, train_step=step, rundir=rundir,
-                              log=log, decode=codec.decode if codec else None,
-                              settings=spec.eval.curve_settings(), grids=False)
+        entries, _ = evaluated(state, step, settings=spec.eval.curve_settings(), grids=False)
         add_curve(entries, step)
         timings["curve_s"] = timings.get("curve_s", 0.0) + time.perf_counter() - t
-        record_lib.write(rundir, record)
+        rundir.write(record)
         if tracker is not None:
             tracker.log_evaluation(entries)
 
     def evaluate_at(state, step: int) -> None:
         checkpointer.wait()  # the checkpoint of this step is complete before hooks hear of the evaluation
         t = time.perf_counter()
-        params = state.ema_params if spec.eval.params == "ema" else state.params
-        entries, samples = evaluate(spec, metric, sampler, params, objective=objective, train_step=step,
-                                    rundir=rundir, log=log, decode=codec.decode if codec else None)
+        entries, samples = evaluated(state, step)
         record["evaluation"] = [e for e in record["evaluation"] if e["train_step"] != step] + entries
         record["samples"] = samples
         if spec.eval.curve_every:
             add_curve(entries, step)
         timings[f"evaluate_step{step}_s"] = time.perf_counter() - t
-        record_lib.write(rundir, record)
+        rundir.write(record)
         if tracker is not None:
             tracker.log_evaluation(entries)
 
-    checkpointer = Checkpointer(rundir / "checkpoints", keep=spec.train.keep_checkpoints)
+    checkpointer = rundir.checkpointer(keep=spec.train.keep_checkpoints)
     try:
         if eval_only:
-            like = state
-            found = checkpointer.restore_latest(lambda step: restore(checkpointer, step, like), log=log)
+            found = checkpointer.resume(state, log=log)
             if found is None:
                 raise UnsupportedError(f"--eval-only: no checkpoint in {checkpointer.directory}; train first")
             step, (state, _) = found

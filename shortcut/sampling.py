@@ -31,11 +31,14 @@ def sample_labels(start: int, count: int, num_classes: int, classes: Sequence[in
     return cycle[np.arange(start, start + count) % len(cycle)].astype(np.int32)
 
 
-def noise_for(start: int, count: int, shape: tuple[int, ...], seed: int) -> jax.Array:
+def noise_for(start: int, count: int, shape: tuple[int, ...], seed: int, stream: int | None = None) -> jax.Array:
     """Starting noise of samples start..start+count-1: sample i's noise depends only on (seed, i), so
     every step count and every method starts from the same noise, and a resumed job regenerates
-    exactly the samples it is missing."""
+    exactly the samples it is missing. `stream`, folded into the seed, draws another such sequence (a
+    method's own noise, never equal to the evaluation's)."""
     key = jax.random.PRNGKey(seed)
+    if stream is not None:
+        key = jax.random.fold_in(key, stream)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + count))
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 

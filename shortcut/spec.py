@@ -1,15 +1,14 @@
-"""Declarative experiment specs: YAML files in experiments/, validated into a typed, frozen `Spec`.
-
-A spec file may inherit from one or more bases (`base: bases/digits.yaml` or a list); bases are
-merged first, the file's own keys win, then `--set key=value` overrides. Every error is a
-`SpecError` that names the file (or the override), the key and what was expected.
+"""The spec's schema and hash: what one run is, typed and frozen (`Spec`), and what identifies it.
 
 The spec hash identifies *what is trained* (seed, data, model, method, optimizer, train): two
 resolved specs with the same hash train the same model, whatever their names, evaluation settings
 or output locations. It keys the work directory, so a rerun resumes and a changed spec starts fresh.
-A spec with a `teacher` (another spec, trained first) also hashes the teacher's own hash: the loader
-(`load_spec`, `validate`) resolves the teacher's spec when it makes a Spec, so hashing reads no file.
+A spec with a `teacher` (another spec, trained first) also hashes the teacher's own hash. A Spec is made
+*resolved*: its teacher's Spec inside (shortcut/spec_files.py reads it from the experiment files, once,
+where the driver loads the spec); `to_tree` / `from_tree` carry it whole as JSON, so whatever receives a
+spec (a worker, a sweep trial, a plan) reads no file.
 
+Every error is a `SpecError` that names the file (or the override), the key and what was expected.
 `--smoke` is one transform of the spec (`smoke_version`: a tiny model, a few steps, `smoke: true`), applied
 once where a spec is loaded; everything below reads `spec.smoke` (mock data, stand-in weights).
 """
@@ -20,27 +19,21 @@ import copy
 import hashlib
 import json
 import math
-import os
-import re
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
 from shortcut import methods
-from shortcut.errors import InputError
-from shortcut.methods import KeyedValueError
+from shortcut.errors import InputError, KeyedValueError, first_error
 
-EXPERIMENTS_DIR = Path(os.environ.get("SHORTCUT_EXPERIMENTS", Path(__file__).resolve().parents[1] / "experiments"))
 HASHED_SECTIONS = ("seed", "data", "model", "method", "optimizer", "train")
 LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
 # Keys added after runs were recorded, hashed only away from the value all earlier runs had, so that
 # adding a key keeps the hash (and run directory) of every existing spec.
-MAX_TEACHER_CHAIN = 16  # a longer chain of teachers is taken for a cycle
 KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_levels"): "even",
                         ("method", "sample_level"): "step_size", ("data", "heldout_split"): None}
+TEACHER_SPEC = "teacher_spec"  # in a self-contained tree (Spec.to_tree): the teacher's own resolved tree
 
 
 class SpecError(InputError):
@@ -327,11 +320,11 @@ class Spec(_Section):
     output: OutputSpec = OutputSpec()
     sweep: SweepSpec | None = Field(default=None, description="search space for `sweep NAME`; not hashed")
     teacher: str | None = Field(default=None, description="spec whose finished run this one starts from "
-                                "(distillation, reflow); resolved or trained first by shortcut/stages.py")
+                                "(distillation, reflow); resolved by the loader, trained first by the driver")
     teacher_overrides: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides applied to the teacher spec")
     smoke: bool = Field(default=False, description="set by --smoke (smoke_version), not by hand: mock data and "
                         "stand-in weights for a pipeline check; hashed only when true")
-    _teacher: "Spec | None" = PrivateAttr(default=None)  # resolved by the loader (validate)
+    _teacher: "Spec | None" = PrivateAttr(default=None)  # the teacher's resolved Spec (with_teacher)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -353,11 +346,6 @@ class Spec(_Section):
             raise KeyedValueError("train.batch_size", "must be at least 2")
         if self.teacher_overrides and self.teacher is None:
             raise KeyedValueError("teacher_overrides", "given without a `teacher`")
-        if self.teacher is not None:
-            try:
-                spec_path(self.teacher)
-            except SpecError as e:
-                raise KeyedValueError("teacher", e.message) from None
         return self
 
     @property
@@ -395,199 +383,47 @@ class Spec(_Section):
             raise SpecError(self.name, "teacher", "not resolved: make specs with load_spec or validate")
         return self._teacher
 
+    def with_teacher(self, teacher: "Spec | None") -> "Spec":
+        """This spec, resolved: `teacher` is its teacher's Spec (set once, by whoever makes the spec)."""
+        if teacher is not None:
+            self._teacher = teacher
+        return self
 
-# ---------------------------------------------------------------- YAML loading
+    def to_tree(self) -> dict:
+        """The resolved spec as one JSON tree that becomes this Spec again with `Spec.from_tree`, no file read:
+        its keys as a run record holds them, and its teacher's own tree under `teacher_spec`."""
+        tree = self.model_dump(mode="json")
+        if self.teacher is not None:
+            tree[TEACHER_SPEC] = self.teacher_spec().to_tree()
+        return tree
+
+    @classmethod
+    def from_tree(cls, tree: dict, source: str = "spec") -> "Spec":
+        """The Spec of a self-contained tree (`to_tree`)."""
+        tree = dict(tree)
+        teacher = tree.pop(TEACHER_SPEC, None)
+        spec = make_spec(tree, source).with_teacher(None if teacher is None else cls.from_tree(teacher, source))
+        spec.teacher_spec()  # a tree that names a teacher carries it
+        return spec
+
+    def with_values(self, values: dict[str, Any], source: str) -> "Spec":
+        """This spec with dotted keys set (`{"optimizer.lr": 3e-4}`, a sweep trial's values), validated; the
+        teacher stays the one resolved (a teacher follows its student's `teacher_overrides`, not its values)."""
+        return make_spec(with_values(self.model_dump(mode="json"), values), source).with_teacher(self._teacher)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
-    list("-+0123456789."),
-)
-
-
-# What YAML text can raise besides YAMLError: a date that does not exist (`2024-02-30`, ValueError), a
-# file that is not UTF-8 (UnicodeDecodeError, a ValueError), nesting deeper than Python's recursion limit.
-_YAML_VALUE_ERRORS = (ValueError, RecursionError)
-
-
-def parse_value(text: str) -> Any:
-    """Parse an override value the way YAML would (`4` -> int, `1e-4` -> float, `[1, 4]` -> list)."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def is_table_file(path: Path) -> bool:
-    """A table spec lists `experiments:` (orchestration/execution/graph.py) instead of describing one run."""
+def make_spec(tree: dict, source: str, origin: dict[str, str] | None = None) -> Spec:
+    """Validate a tree into a Spec (its teacher not yet resolved: `with_teacher`); an error names the file or
+    override that set the offending key (`origin`: key -> where it was set), else `source`."""
     try:
-        raw = yaml.load(Path(path).read_text(), Loader=_Loader)
-    except (OSError, yaml.YAMLError, *_YAML_VALUE_ERRORS):
-        return False
-    return isinstance(raw, dict) and "experiments" in raw
-
-
-def list_specs(root: Path = EXPERIMENTS_DIR) -> list[str]:
-    """Names of the experiment specs (bases and table specs excluded)."""
-    return sorted(p.stem for p in root.glob("*.yaml") if not is_table_file(p))
-
-
-def list_tables(root: Path = EXPERIMENTS_DIR) -> list[str]:
-    """Names of the table specs (experiments/table1_*.yaml)."""
-    return sorted(p.stem for p in root.glob("*.yaml") if is_table_file(p))
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
-        return False
-
-
-def spec_path(name: str, root: Path = EXPERIMENTS_DIR) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and _exists(path):
-        return path
-    candidate = root / f"{name}.yaml"
-    if _exists(candidate):
-        return candidate
-    known = ", ".join(list_specs(root) + list_tables(root)) or "(none)"
-    raise SpecError(name, "", f"no such spec in {root}; known specs: {known}")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(str(path), "", f"invalid YAML: {where}{getattr(e, 'problem', e)}") from None
-    except OSError as e:
-        raise SpecError(str(path), "", f"cannot read: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SpecError(str(path), "", f"not a YAML text file (byte {e.start} is not UTF-8)") from None
-    except RecursionError:
-        raise SpecError(str(path), "", "invalid YAML: nested too deeply") from None
-    except ValueError as e:  # e.g. a date that does not exist
-        raise SpecError(str(path), "", f"invalid YAML value: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SpecError(str(path), "", f"expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def _merge(into: dict, new: dict, source: str, origin: dict, prefix: str = "") -> None:
-    """Deep-merge `new` into `into`, recording which source set each leaf key."""
-    for key, value in new.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value, source, origin, f"{path}.")
-        else:
-            into[key] = copy.deepcopy(value)
-            origin[path] = source
-
-
-def _resolve_file(path: Path, origin: dict, chain: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in chain:
-        cycle = " -> ".join(p.name for p in chain + (path,))
-        raise SpecError(str(path), "base", f"inheritance cycle: {cycle}")
-    raw = _read_yaml(path)
-    bases = raw.pop("base", [])
-    bases = [bases] if isinstance(bases, str) else bases
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise SpecError(str(path), "base", "expected a file name or a list of file names")
-    merged: dict = {}
-    for base in bases:
-        base_path = (path.parent / base) if base.endswith((".yaml", ".yml")) else spec_path(base)
-        if not base_path.exists():
-            raise SpecError(str(path), "base", f"base file {base_path} does not exist")
-        _merge(merged, _resolve_file(base_path, origin, chain + (path,)), _display(base_path), origin)
-    _merge(merged, raw, _display(path), origin)
-    return merged
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _shorten(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _apply_override(tree: dict, override: str, origin: dict) -> None:
-    source = f"--set {_shorten(override)}"
-    if "=" not in override:
-        raise SpecError(source, "", "expected KEY=VALUE, e.g. --set model.depth=4")
-    key, text = override.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise SpecError(source, key, "empty key component")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SpecError(source, key, f"{part} is not a section")
-        node = child
-    try:
-        node[parts[-1]] = parse_value(text)
-    except (yaml.YAMLError, *_YAML_VALUE_ERRORS) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
-        raise SpecError(source, key, f"cannot parse value {_shorten(text)!r}: {reason}") from None
-    origin[key.strip()] = source
-
-
-def load_spec(name: str, overrides: list[str] | tuple[str, ...] = (), root: Path = EXPERIMENTS_DIR, *,
-              smoke: bool = False, _chain: tuple[str, ...] = ()) -> Spec:
-    """Load, merge, override and validate a spec by name (experiments/NAME.yaml) or path; with `smoke`, its
-    --smoke version (smoke_version)."""
-    path = spec_path(name, root)
-    if is_table_file(path):
-        raise SpecError(_display(path), "experiments", "this is a table spec (a list of experiments), not one "
-                                                       "experiment; run it with `run_experiment NAME`")
-    origin: dict[str, str] = {}
-    tree = _resolve_file(path, origin)
-    for override in overrides:
-        _apply_override(tree, override, origin)
-    tree.setdefault("name", path.stem)
-    spec = validate(tree, origin, default_source=_display(path), _chain=_chain)
-    return smoke_version(spec) if smoke else spec
-
-
-# parts of a pydantic error location that name a union member or validator, not a key: `float`, `tuple[...]`
-_UNION_TAG = re.compile(r"^(function-.*|float|int|str|bool|none|\w+\[.*\])$")
-
-
-def validate(tree: dict, origin: dict[str, str], default_source: str, *, _chain: tuple[str, ...] = ()) -> Spec:
-    """Validate a merged tree into a Spec with its teacher's spec resolved; errors name the file (or
-    override) that set the offending key."""
-    try:
-        spec = Spec.model_validate(tree)
+        return Spec.model_validate(tree)
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not _UNION_TAG.match(str(p)))
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, KeyedValueError):
-            key, message = ctx_error.key, ctx_error.message
-        else:
-            message = _describe(err)
-        raise SpecError(_source_of(key, origin, default_source), key, message) from None
-    if spec.teacher is not None:
-        chain = (*_chain, spec.name)
-        teacher = Path(spec.teacher).stem
-        if teacher in chain or len(chain) > MAX_TEACHER_CHAIN:  # names may differ from file names: also a bound
-            raise SpecError(chain[0], "teacher", "cycle of teachers: " + " -> ".join((*chain, teacher)))
-        spec._teacher = load_spec(spec.teacher, spec.teacher_overrides, smoke=spec.smoke, _chain=chain)
-    return spec
+        key, message = first_error(e)
+        raise SpecError(source_of(key, origin or {}, source), key, message) from None
 
 
-def _source_of(key: str, origin: dict[str, str], default: str) -> str:
+def source_of(key: str, origin: dict[str, str], default: str) -> str:
+    """Where `key` (or the section holding it) was set."""
     parts = key.split(".")
     for i in range(len(parts), 0, -1):
         if ".".join(parts[:i]) in origin:
@@ -595,21 +431,16 @@ def _source_of(key: str, origin: dict[str, str], default: str) -> str:
     return default
 
 
-def _describe(err: dict) -> str:
-    kind, msg, given = err["type"], err["msg"], err.get("input")
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    msg = msg.removeprefix("Value error, ")
-    if isinstance(given, (dict, list)) or given is None:
-        return msg[0].lower() + msg[1:]
-    return f"{msg[0].lower() + msg[1:]}, got {given!r}"
-
-
-def to_yaml(spec: Spec) -> str:
-    """The resolved spec as YAML (what `run_experiment NAME --print` shows)."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+def with_values(tree: dict, values: dict[str, Any]) -> dict:
+    """A copy of a spec tree with dotted keys set to values."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -624,7 +455,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def smoke_version(spec: Spec) -> Spec:
-    """The same spec with a tiny model, a few steps and few samples, for mock data on one CPU."""
+    """The same spec with a tiny model, a few steps and few samples, for mock data on one CPU (its teacher's
+    --smoke version inside)."""
     tree = spec.model_dump(mode="json")
     tree["model"] = dict(tree["model"], size=None, hidden_size=32, depth=2, num_heads=2, dtype="float32")
     tree["train"] = dict(tree["train"], steps=4, batch_size=8, log_every=2, checkpoint_every=2)
@@ -634,4 +466,5 @@ def smoke_version(spec: Spec) -> Spec:
         tree["data"]["latent"] = dict(tree["data"]["latent"], batch_size=8)
     tree["method"] = methods.objective_class(spec.method.name).smoke_method(tree["method"])  # e.g. fewer reflow pairs
     tree["smoke"] = True
-    return validate(tree, {}, default_source=f"{spec.name} (--smoke)")
+    teacher = spec.teacher_spec()
+    return make_spec(tree, f"{spec.name} (--smoke)").with_teacher(None if teacher is None else smoke_version(teacher))

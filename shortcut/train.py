@@ -175,8 +175,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
     `prefetch` batches are put on the devices (`shard`) ahead of the step that takes them."""
     cfg = spec.train
     resumed_from, data_state = None, None
-    like = state
-    found = checkpointer.restore_latest(lambda step: restore(checkpointer, step, like), log=log, set_aside=True)
+    found = checkpointer.resume(state, log=log, set_aside=True)
     if found is not None:
         resumed_from, (state, data_state) = found
     start = int(state.step)
@@ -244,13 +243,6 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
         signals.restore()
         bar.close()
     return TrainResult(state, history, resumed_from, time.perf_counter() - t0)
-
-
-def restore(checkpointer: Checkpointer, step: int, like: TrainState) -> tuple[TrainState, bytes]:
-    """Restore (state, data iterator bytes) at `step`, with the structure and shardings of `like`."""
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-                            like)
-    return checkpointer.restore(step, abstract)
 
 
 def _finite(state: TrainState) -> bool:

@@ -18,12 +18,15 @@ from baselines.live_reflow import LiveReflowConfig, LiveReflowObjective
 from baselines.meanflow import MeanFlowConfig, MeanFlowObjective, meanflow_target
 from baselines.progressive_distillation import ProgressiveDistillationConfig, ProgressiveDistillationObjective
 from baselines.reflow import ReflowConfig, ReflowObjective
-from shortcut import methods, stages
+from baselines import reflow_pairs
+from shortcut import assembly, methods
+from shortcut import teacher as teacher_lib
 from shortcut.checkpoint import Checkpointer
 from shortcut.objective import Context, euler_sample, expand
 from shortcut.record import run_dir
 from shortcut.run import run
-from shortcut.spec import SpecError, load_spec
+from shortcut.spec import SpecError
+from shortcut.spec_files import load_spec
 from shortcut.train import TrainState, build_model, make_optimizer, make_train_step, train
 from tests.oracle import MU, S, SHAPE, exact_shortcut, exact_velocity, gaussian_batch, velocity_model
 
@@ -478,15 +481,15 @@ def test_pair_generation_resumes_after_a_kill_and_matches_an_uninterrupted_one(t
     tspec = spec.teacher_spec()
     model = build_model(tspec)
     params = model.init(KEY, jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.ones(1), jnp.zeros(1, jnp.int32))["params"]
-    teacher = stages.Teacher(tspec, tmp_path / "teacher", 0, params)
+    teacher = teacher_lib.Teacher(tspec, tmp_path / "teacher", 0, params, assembly.build(tspec))
     logs = []
-    stages.generate_pairs(spec, teacher, tmp_path / "a", log=logs.append, max_chunks=1)  # "killed" after a chunk
+    reflow_pairs.generate_pairs(spec, teacher, tmp_path / "a", log=logs.append, max_chunks=1)  # "killed" after a chunk
     assert json.loads((tmp_path / "a" / "progress.json").read_text())["done"] == [0]
-    assert not stages.pairs_complete(tmp_path / "a")
-    stages.generate_pairs(spec, teacher, tmp_path / "a", log=logs.append)
+    assert not reflow_pairs.pairs_complete(tmp_path / "a")
+    reflow_pairs.generate_pairs(spec, teacher, tmp_path / "a", log=logs.append)
     assert any("resuming pair generation, 1/3 chunks" in m for m in logs)
     assert sum("pairs chunk" in m for m in logs) == 3  # chunk 0 was not regenerated
-    stages.generate_pairs(spec, teacher, tmp_path / "b", log=lambda m: None)
+    reflow_pairs.generate_pairs(spec, teacher, tmp_path / "b", log=lambda m: None)
     for name in ("noise", "image", "label"):
         a, b = np.load(tmp_path / "a" / f"{name}.npy"), np.load(tmp_path / "b" / f"{name}.npy")
         np.testing.assert_array_equal(a, b)
@@ -497,12 +500,12 @@ def test_pair_generation_resumes_after_a_kill_and_matches_an_uninterrupted_one(t
                                                     params, jnp.asarray(noise), jnp.arange(8) % 10, 4)
     close(np.load(tmp_path / "a" / "image.npy")[:8], expected, tol=1e-4)
     # The iterator: batches of pairs, a restorable position, every pair once per epoch.
-    it = stages.PairIterator(tmp_path / "a", batch_size=8, seed=0)
+    it = reflow_pairs.PairIterator(tmp_path / "a", batch_size=8, seed=0)
     first = [next(it) for _ in range(5)]
     assert sorted(np.concatenate([np.asarray(b["label"]) for b in first]).tolist()) == sorted(np.arange(40) % 10)
     state = it.get_state()
     after = next(it)
-    it2 = stages.PairIterator(tmp_path / "a", batch_size=8, seed=0)
+    it2 = reflow_pairs.PairIterator(tmp_path / "a", batch_size=8, seed=0)
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["noise"], after["noise"])
 
@@ -520,7 +523,7 @@ def test_a_student_uses_its_finished_teacher_and_never_trains_one(tmp_path):
     logs = []
     cd = tiny("digits_consistency_distillation")
     teacher_dir = run_dir(cd.teacher_spec(), tmp_path)
-    with pytest.raises(stages.TeacherError, match="has no finished run .*run it first: run_experiment digits_flow"):
+    with pytest.raises(teacher_lib.TeacherError, match="has no finished run .*run it first: run_experiment digits_flow"):
         run(cd, workdir=tmp_path, log=logs.append)
     assert not teacher_dir.exists()
     _assert_trained(run(cd.teacher_spec(), workdir=tmp_path, log=logs.append), cd.teacher_spec())
@@ -537,13 +540,13 @@ def test_a_student_uses_its_finished_teacher_and_never_trains_one(tmp_path):
     _assert_trained(run(rf, workdir=tmp_path, log=logs.append), rf)
     assert sum("using the finished teacher digits_flow" in m for m in logs) == 2
     assert json.loads((teacher_dir / "run.json").read_text())["started"] == teacher_record["started"]
-    assert stages.pairs_complete(run_dir(rf, tmp_path) / "pairs")
+    assert reflow_pairs.pairs_complete(run_dir(rf, tmp_path) / "pairs")
 
     failed = tiny("digits_consistency_distillation", teacher_extra=["seed=7"])
     failed_dir = run_dir(failed.teacher_spec(), tmp_path)
     failed_dir.mkdir(parents=True)
     (failed_dir / "run.json").write_text(json.dumps({"status": "failed", "error": "NonFiniteLossError: boom"}))
-    with pytest.raises(stages.TeacherError, match="failed in .*NonFiniteLossError: boom"):
+    with pytest.raises(teacher_lib.TeacherError, match="failed in .*NonFiniteLossError: boom"):
         run(failed, workdir=tmp_path, log=lambda m: None)
     assert not (failed_dir / "checkpoints").exists()  # not retrained
     assert json.loads((run_dir(failed, tmp_path) / "run.json").read_text())["status"] == "failed"

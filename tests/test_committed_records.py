@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from orchestration.execution.worker import export, kept_lines
+from orchestration.execution.worker import export
+from orchestration.reporting.console import kept_lines
 from orchestration.reporting.results import KeptRecord, export_path, export_run
 from tracking_fixtures import make_record, make_spec
 

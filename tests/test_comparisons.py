@@ -105,7 +105,8 @@ def test_train_step_flops_match_an_analytic_count_for_a_dense_network():
 
 
 def test_a_students_compute_counts_its_teacher_and_its_pairs():
-    c = compute.run_compute(2e9, 1000, teacher={"total_flops": 5e12}, pairs_flops=1e12, has_teacher=True)
+    c = compute.run_compute(2e9, 1000, teacher={"total_flops": 5e12}, preparation={"pairs_flops": 1e12},
+                            has_teacher=True)
     assert c["train_flops"] == 2e12 and c["total_flops"] == 8e12 and c["teacher_flops"] == 5e12
     assert compute.run_compute(2e9, 1000)["total_flops"] == 2e12
     # a teacher without a recorded compute leaves the student's total unknown, not understated

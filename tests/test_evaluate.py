@@ -14,7 +14,7 @@ from shortcut.evaluation import InceptionWeightsError
 from shortcut.evaluation.inception import random_inception_variables
 from shortcut.evaluation.inception_weights import save_variables_npz
 from shortcut.run import run
-from shortcut.spec import EXPERIMENTS_DIR, load_spec
+from shortcut.spec_files import EXPERIMENTS_DIR, load_spec
 from tests.tfds_mock import write_mock_metadata
 
 TINY = ["train.steps=6", "train.batch_size=16", "train.log_every=3", "train.checkpoint_every=3",

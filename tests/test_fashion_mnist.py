@@ -124,7 +124,8 @@ def test_real_fid_is_small_for_the_same_data_and_grows_with_noise_and_blur(featu
 def test_fashion_spec_smoke_run(tmp_path):
     """fashion_shortcut end to end with --smoke: mock 28x28x1 data, tiny model, the FID pipeline with stand-in weights."""
     from shortcut.run import run
-    from shortcut.spec import load_spec, smoke_version
+    from shortcut.spec import smoke_version
+    from shortcut.spec_files import load_spec
 
     spec = load_spec("fashion_shortcut")
     assert (spec.data.dataset, spec.data.num_classes, spec.eval.metric) == ("fashion_mnist_local", 10, "fid")
@@ -141,7 +142,7 @@ def test_fashion_spec_smoke_run(tmp_path):
 def test_table1_fashion_lists_every_method():
     import yaml
 
-    from shortcut.spec import EXPERIMENTS_DIR, list_specs, load_spec
+    from shortcut.spec_files import EXPERIMENTS_DIR, list_specs, load_spec
 
     table = yaml.safe_load((EXPERIMENTS_DIR / "table1_fashion.yaml").read_text())["experiments"]
     digits = yaml.safe_load((EXPERIMENTS_DIR / "table1_digits.yaml").read_text())["experiments"]

@@ -11,7 +11,7 @@ from shortcut.evaluation.sample_metrics import SampleStats
 from shortcut.record import run_dir
 from shortcut.run import run
 from shortcut.sample_files import SampleFileWriter, from_sample_images, read_samples, to_sample_images
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 
 NUM = 120
 SHORT = ["train.steps=10", "train.log_every=10", "train.checkpoint_every=10", "eval.steps=[4, 1]",

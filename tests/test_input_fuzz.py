@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestration.run_experiment import main
-from shortcut.spec import EXPERIMENTS_DIR, SpecError, flatten, list_specs, load_spec
+from shortcut.spec import SpecError, flatten
+from shortcut.spec_files import EXPERIMENTS_DIR, list_specs, load_spec
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 database=None)  # no example database written into the checkout

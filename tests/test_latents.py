@@ -7,7 +7,7 @@ import pytest
 
 from shortcut.data import make_mock_iterator
 from shortcut.data.latents import EncodedIterator, make_latent_iterator, pre_encode, read_provenance
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 from shortcut.vae import LatentCodec, VAEConfig, random_vae
 
 SCALE = 0.18215

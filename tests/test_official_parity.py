@@ -175,8 +175,8 @@ def test_import_then_eval_only(fx, tmp_path, capsys):
     from orchestration import run_experiment
     from shortcut.checkpoint import Checkpointer
     from shortcut.record import run_dir
-    from shortcut.spec import load_spec
-    from shortcut.train import TrainState, build_model, init_state, make_optimizer, restore
+    from shortcut.spec_files import load_spec
+    from shortcut.train import TrainState, build_model, init_state, make_optimizer
 
     local_save = tmp_path / "ckpt_2"  # the official code's local layout: FILENAME/FILENAME.tmp
     local_save.mkdir()
@@ -192,7 +192,7 @@ def test_import_then_eval_only(fx, tmp_path, capsys):
 
     model, optimizer = build_model(spec), make_optimizer(spec.optimizer)
     checkpointer = Checkpointer(rundir / "checkpoints", keep=2)
-    state, _ = restore(checkpointer, checkpointer.latest_step(), init_state(spec, model, optimizer))
+    state, _ = checkpointer.restore(checkpointer.latest_step(), init_state(spec, model, optimizer))
     checkpointer.close()
     assert isinstance(state, TrainState) and int(state.step) == 1
     apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
@@ -233,7 +233,7 @@ def test_official_initialisers_and_dtypes():
 
 
 def test_architecture_in_spec_and_hash():
-    from shortcut.spec import load_spec
+    from shortcut.spec_files import load_spec
     from shortcut.train import build_model
 
     default, official = load_spec("digits_shortcut"), load_spec("digits_shortcut", ["model.architecture=official"])

@@ -18,7 +18,7 @@ import pytest
 
 from shortcut import memory
 from shortcut.sharding import MIN_SHARD_BYTES
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_a_run_that_cannot_fit_stops_with_one_line(tmp_path):
 PLAN_SCRIPT = r"""
 import json, sys
 from orchestration import plan
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 topology = plan.parse_topology("cpu:8")
 assert plan.prepare_jax(topology)
 out = {}

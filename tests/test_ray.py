@@ -18,7 +18,8 @@ import yaml
 
 from orchestration.execution.cluster import ResourcesError, check_feasible, worker_options
 from orchestration.execution.graph import _fits, build, is_table, load_table
-from shortcut.spec import ResourcesSpec, SpecError, load_spec
+from shortcut.spec import ResourcesSpec, SpecError
+from shortcut.spec_files import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"

@@ -6,7 +6,7 @@ import json
 from PIL import Image
 
 from orchestration import make_tables
-from orchestration.execution.worker import tracking_lines
+from orchestration.reporting.console import tracking_lines
 
 
 def _export(seed: int, scale: float) -> dict:
@@ -52,7 +52,7 @@ def test_summary_prints_the_run_page_and_how_to_bring_the_server_back(tmp_path):
 
 
 def test_summary_lists_a_step_count_evaluated_at_two_scales(tmp_path):
-    from orchestration.execution.worker import summary
+    from orchestration.reporting.console import summary
 
     entries = [{"train_step": 20, "num_steps": n, "cfg_scale": w, "metric": "fid", "value": v}
                for n, w, v in ((128, 1.5, 10.0), (128, 1.0, 12.0), (1, 1.0, 30.0))]

@@ -18,7 +18,8 @@ from shortcut import methods
 from shortcut.checkpoint import Checkpointer
 from shortcut.record import git_provenance, jsonable, run_dir
 from shortcut.run import run
-from shortcut.spec import list_specs, load_spec, smoke_version
+from shortcut.spec import smoke_version
+from shortcut.spec_files import list_specs, load_spec
 from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
                             make_train_step, train)
 

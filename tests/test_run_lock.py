@@ -136,7 +136,8 @@ def _argv(workdir: Path, *extra: str) -> list[str]:
 
 def _rundir(workdir: Path) -> Path:
     from shortcut.record import run_dir
-    from shortcut.spec import load_spec, smoke_version
+    from shortcut.spec import smoke_version
+    from shortcut.spec_files import load_spec
 
     return run_dir(smoke_version(load_spec("digits_flow", ["eval.steps=[1]"])), workdir)
 
@@ -283,7 +284,9 @@ def test_a_table_waits_for_a_node_running_elsewhere(tmp_path):
     from orchestration.execution.graph import Node, _check_elsewhere, _running_elsewhere
     from shortcut.record import write_json
 
-    from shortcut.spec import load_spec, smoke_version
+    from shortcut.spec import smoke_version
+
+    from shortcut.spec_files import load_spec
 
     spec = smoke_version(load_spec("digits_flow", ["eval.steps=[1]"]))
     rundir = _rundir(tmp_path)

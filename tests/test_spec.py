@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestration.run_experiment import main
-from shortcut.spec import EXPERIMENTS_DIR, SpecError, list_specs, load_spec
+from shortcut.spec import SpecError
+from shortcut.spec_files import EXPERIMENTS_DIR, list_specs, load_spec
 
 PAPER_SPECS = ["celeba_ditb_shortcut", "celeba_ditb_flow", "imagenet_ditb_shortcut", "imagenet_ditb_flow",
                "imagenet_ditxl_shortcut"]
@@ -235,7 +236,7 @@ def test_every_committed_record_keeps_its_spec_hash():
     directory, and so lose every finished run, fails here."""
     import json
 
-    from shortcut.spec import validate
+    from shortcut.spec_files import validate
 
     records = sorted((EXPERIMENTS_DIR.parent / "results").glob("*/*/*.json"))
     records = [p for p in records if "spec_hash" in (r := json.loads(p.read_text())) and "spec" in r]

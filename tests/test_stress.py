@@ -107,15 +107,14 @@ import json, sys
 import ray
 from orchestration.execution import cluster
 from orchestration.execution.worker import Tracking
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 
 workdir, results, sequential, parallel, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 cluster.connect(None, num_cpus=2)
 
 def launch(seed):
     spec = load_spec("digits_flow", ["eval.steps=[1]", f"seed={seed}"], smoke=True)
-    return cluster.launch(spec.model_dump(mode="json"), spec.resources, workdir=workdir, tracking=Tracking(),
-                          results_dir=results)
+    return cluster.launch(spec, workdir=workdir, tracking=Tracking(), results_dir=results)
 
 statuses = [ray.get(launch(i))["status"] for i in range(sequential)]
 statuses += [o["status"] for o in ray.get([launch(100 + i) for i in range(parallel)])]

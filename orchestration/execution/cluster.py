@@ -8,7 +8,7 @@
   as many threads as CPUs asked, pinned to as many free cores (orchestration/execution/cpu_slots.py), with
   glibc's malloc keeping XLA's per-step buffers; a fractional GPU share turns off JAX's full-memory
   preallocation; TPU chips are the `TPU` resource.
-* `launch(spec_tree, resources, **kwargs)`: one Ray task running orchestration.execution.worker.execute, or for
+* `launch(spec, **kwargs)`: one Ray task running orchestration.execution.worker.execute, or for
   `resources.hosts > 1` one actor per host (a placement group spreads them), joined by
   `jax.distributed.initialize` with process 0's node as coordinator. Each worker process runs one
   experiment and exits, so XLA settings and device memory never leak between runs.
@@ -23,7 +23,7 @@ from typing import Any
 
 from orchestration.execution import cpu_slots
 from shortcut.errors import ShortcutError
-from shortcut.spec import ResourcesSpec
+from shortcut.spec import ResourcesSpec, Spec
 
 
 class ResourcesError(ShortcutError, RuntimeError):
@@ -129,23 +129,24 @@ class _HostWorker:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def execute(self, spec_tree: dict, **kwargs) -> dict:
+    def execute(self, spec: Spec, **kwargs) -> dict:
         from orchestration.execution.worker import execute
 
-        return execute(spec_tree, **kwargs)
+        return execute(spec, **kwargs)
 
 
-def launch(spec_tree: dict, resources: ResourcesSpec, *, name: str | None = None, **kwargs):
-    """Start one run on Ray; returns the ObjectRef of its outcome (process 0's, for a multi-host run).
-    kwargs go to orchestration.execution.worker.execute."""
+def launch(spec: Spec, *, name: str | None = None, **kwargs):
+    """Start one run of the resolved `spec` on Ray, with its `resources`; returns the ObjectRef of its outcome
+    (process 0's, for a multi-host run). kwargs go to orchestration.execution.worker.execute."""
     import ray
 
+    resources = spec.resources
     options = worker_options(resources)
-    name = name or spec_tree.get("name", "run")
+    name = name or spec.name
     if resources.hosts == 1:
         from orchestration.execution.killed import max_retries
 
-        return _remote_execute().options(name=name, max_retries=max_retries(), **options).remote(spec_tree, **kwargs)
+        return _remote_execute().options(name=name, max_retries=max_retries(), **options).remote(spec, **kwargs)
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -164,7 +165,7 @@ def launch(spec_tree: dict, resources: ResourcesSpec, *, name: str | None = None
                                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
               for i in range(resources.hosts)]
     coordinator = ray.get(actors[0].coordinator_address.remote())
-    refs = [a.execute.remote(spec_tree, distributed=Distributed(coordinator, resources.hosts, i), **kwargs)
+    refs = [a.execute.remote(spec, distributed=Distributed(coordinator, resources.hosts, i), **kwargs)
             for i, a in enumerate(actors)]
     return _first_of_all(refs, actors, group)
 

@@ -1,4 +1,6 @@
-"""Tables as stage graphs: `run_experiment table1_digits` runs every experiment of a table on Ray.
+"""Runs as stage graphs, the driver's one scheduler: a table (`run_experiment table1_digits`) runs every
+experiment of it; a single run (`run_experiment digits_reflow`) is the graph of that spec after any teacher
+without a finished run (`of_spec`).
 
 A table spec (experiments/table1_*.yaml) lists experiment specs and optional overrides for all of them:
 
@@ -16,22 +18,27 @@ A node whose run directory already holds a finished run with the same hash is sk
 directory another process holds (shortcut/run_lock.py: a plain run, another table) is running elsewhere,
 and the graph waits for that run's record instead of starting it. A failed node
 fails only itself and the students waiting for it; the summary says which failed and why, and a
-rerun redoes only what is missing. The graph ends by running make_tables.
+rerun redoes only what is missing. A table's graph ends by running make_tables.
+
+Nodes run on Ray, or one after another in the driver's process (`--in-process`, single runs only); what the
+driver prints is a report's (orchestration/reporting/console.py), never decided here.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import time
 from pathlib import Path
 from typing import Callable
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from shortcut.spec import Spec, SpecError, is_table_file, load_spec, spec_path, validate
+from shortcut.errors import first_error
+from shortcut.spec import Spec, SpecError
+from shortcut.spec_files import load_spec, read_yaml, spec_path
 
 PROGRESS_EVERY_S = 30.0
 
@@ -56,30 +63,57 @@ class TableSpec(BaseModel):
 
 def is_table(name: str) -> bool:
     """Whether `name` (a spec name or path) is a table spec (it lists `experiments`)."""
+    return find_table(name) is not None
+
+
+def find_table(name: str) -> TableSpec | None:
+    """The table spec `name` (a spec name or path), None when it names no table (an experiment spec, or
+    nothing: loading it as a spec says what is wrong)."""
     try:
-        return is_table_file(spec_path(name))
+        path = spec_path(name)
+        raw = read_yaml(path)
     except SpecError:
-        return False
-
-
-def load_table(name: str) -> TableSpec:
-    path = spec_path(name)
-    raw = yaml.safe_load(path.read_text()) or {}
+        return None
+    if "experiments" not in raw:
+        return None
     raw.setdefault("name", path.stem)
     try:
         return TableSpec.model_validate(raw)
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        message = err["msg"].removeprefix("Value error, ")
-        raise SpecError(str(path), ".".join(map(str, err["loc"])), message) from None
+        raise SpecError(str(path), *first_error(e)) from None
+
+
+def load_table(name: str) -> TableSpec:
+    table = find_table(name)
+    if table is None:
+        raise SpecError(name, "experiments", "not a table spec (it lists no experiments)")
+    return table
+
+
+class Status(enum.StrEnum):
+    """Where a node stands: waiting (for its teachers, or room), cached (its run directory held a finished run
+    already), running (here), elsewhere (another process holds its run directory), and how it ended."""
+
+    WAITING = "waiting"
+    CACHED = "cached"
+    RUNNING = "running"
+    ELSEWHERE = "elsewhere"
+    FINISHED = "finished"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+DONE = (Status.FINISHED, Status.CACHED)  # a student waiting on these may start
+LOST = (Status.FAILED, Status.SKIPPED)  # a student waiting on these is skipped
 
 
 @dataclasses.dataclass
 class Node:
-    spec: Spec  # as it runs (the --smoke version under --smoke)
+    spec: Spec  # resolved, as it runs (the --smoke version under --smoke)
     deps: list[str]
     show_seed: bool = False  # the table runs several seeds: labels say which
-    status: str = "waiting"  # waiting | cached | running | elsewhere | finished | failed | skipped
+    rerun: bool = False  # run even if its run directory holds a finished run (the spec of a single run)
+    status: Status = Status.WAITING
     error: str | None = None
     outcome: dict | None = None
     started: float | None = None
@@ -93,28 +127,33 @@ class Node:
 
 def build(table: TableSpec, overrides: tuple[str, ...] = (), *, smoke: bool = False) -> dict[str, Node]:
     """The nodes of a table, keyed by spec hash: for each seed of the table, every experiment and its
-    teacher (with the same seed); every teacher comes before the experiments that wait for it, so the
-    longest chains start first."""
+    teacher (with the same seed: the table's overrides reach the teachers too); every teacher comes before
+    the experiments that wait for it, so the longest chains start first."""
     nodes: dict[str, Node] = {}
-
-    def add(spec: Spec, common: tuple[str, ...]) -> str:
-        deps = []
-        if spec.teacher is not None:
-            # the table's overrides (its seed included) reach the teacher too, through teacher_overrides
-            tree = spec.model_dump(mode="json")
-            tree["teacher_overrides"] = list(spec.teacher_overrides) + list(common)
-            spec = validate(tree, {}, default_source=spec.name)
-            deps.append(add(spec.teacher_spec(), common))
-        key = spec.hash()
-        nodes.setdefault(key, Node(spec, deps, show_seed=table.seeds is not None and len(table.seeds) > 1))
-        return key
-
+    show_seed = table.seeds is not None and len(table.seeds) > 1
     # a seed from --set comes after the table's, so it wins (and the table runs that one seed)
     for seed_override in ([f"seed={s}"] for s in table.seeds) if table.seeds else ([],):
         common = tuple(table.set) + tuple(seed_override) + tuple(overrides)
         for name in table.experiments:
-            add(load_spec(name, common, smoke=smoke), common)
+            _add(nodes, load_spec(name, common, smoke=smoke, for_teachers=common), show_seed=show_seed)
     return _teachers_first(nodes)
+
+
+def of_spec(spec: Spec) -> dict[str, Node]:
+    """One run as a graph: the spec's node after its chain of teachers (a teacher already finished in the work
+    directory is taken as it is; the spec itself runs even when finished: it resumes and evaluates again)."""
+    nodes: dict[str, Node] = {}
+    _add(nodes, spec)
+    nodes[spec.hash()].rerun = True
+    return _teachers_first(nodes)
+
+
+def _add(nodes: dict[str, Node], spec: Spec, *, show_seed: bool = False) -> str:
+    """Add `spec` and its chain of teachers (each a node the next depends on); returns its key."""
+    deps = [_add(nodes, spec.teacher_spec(), show_seed=show_seed)] if spec.teacher is not None else []
+    key = spec.hash()
+    nodes.setdefault(key, Node(spec, deps, show_seed=show_seed))
+    return key
 
 
 def _teachers_first(nodes: dict[str, Node]) -> dict[str, Node]:
@@ -139,10 +178,13 @@ def _fits(need: dict[str, float], in_use: dict[str, float], cluster: dict[str, f
     return all(in_use.get(k, 0) + v <= cluster.get(k, 0) + 1e-9 for k, v in need.items() if v)
 
 
-def _finished(node: Node, workdir: Path) -> bool:
-    from shortcut import record
+def mark_cached(nodes: dict[str, Node], workdir: Path) -> None:
+    """Nodes whose run directory holds a finished run of their spec are cached (not run again), unless `rerun`."""
+    from shortcut.record import RunDir
 
-    return record.finished(record.read(record.run_dir(node.spec, workdir)), node.spec.hash())
+    for node in nodes.values():
+        if node.status == Status.WAITING and not node.rerun and RunDir.of(node.spec, workdir).finished(node.spec.hash()):
+            node.status = Status.CACHED
 
 
 class _Board:
@@ -177,117 +219,204 @@ class ProgressReporter:
             self.board.update.remote(self.key, {"phase": f"evaluated at step {entries[0]['train_step']}"})
 
 
-def execute(table: TableSpec, nodes: dict[str, Node], *, workdir: Path, launch_kwargs: dict,
-            log: Callable[[str], None] = print) -> dict[str, Node]:
-    """Run the graph on Ray (already connected); returns the nodes with their final status. Interrupted
+class _RayPool:
+    """Runs nodes as Ray tasks (Ray already connected), as many at once as the cluster holds. Only what fits
+    now is submitted, so that the driver, not Ray's queue, picks the next run (in the order of
+    _teachers_first); with nothing running a node is submitted even if it does not fit: a cluster that
+    autoscales provides it later."""
+
+    def __init__(self, launch_kwargs: dict):
+        import ray
+
+        self.launch_kwargs = launch_kwargs
+        self.board = ray.remote(num_cpus=0)(_Board).remote()
+        self.refs: dict = {}  # ObjectRef -> node key
+        self.in_use: collections.Counter = collections.Counter()
+        self.capacity: dict[str, float] = {}
+
+    @property
+    def running(self) -> list[str]:
+        return list(self.refs.values())
+
+    def refresh(self) -> None:
+        import ray
+
+        self.capacity = ray.cluster_resources()  # once a pass: an autoscaling cluster may have grown
+
+    def fits(self, node: Node) -> bool:
+        from orchestration.execution import cluster
+
+        return not self.refs or _fits(cluster.demand(node.spec.resources), self.in_use, self.capacity)
+
+    def submit(self, key: str, node: Node) -> None:
+        from orchestration.execution import cluster
+
+        self.in_use.update(cluster.demand(node.spec.resources))
+        ref = cluster.launch(node.spec, name=node.spec.name, hooks=(ProgressReporter(self.board, key),),
+                             **self.launch_kwargs)
+        self.refs[ref] = key
+
+    def wait(self, nodes: dict[str, Node]) -> list[tuple[str, dict | BaseException]]:
+        """The nodes that ended (within a few seconds), each with its outcome or its error."""
+        import ray
+
+        from orchestration.execution import cluster
+        from orchestration.execution.killed import killed
+        from shortcut.record import RunDir
+
+        done, _ = ray.wait(list(self.refs), num_returns=1, timeout=5.0)
+        board = ray.get(self.board.snapshot.remote()) if done else {}
+        out = []
+        for ref in done:
+            key = self.refs.pop(ref)
+            node = nodes[key]
+            self.in_use.subtract(cluster.demand(node.spec.resources))
+            node.started = board.get(key, {}).get("started", node.started)  # run time, not queue time
+            try:
+                out.append((key, ray.get(ref)))
+            except Exception as e:  # noqa: BLE001 - one failed experiment never stops the others
+                out.append((key, killed(e, RunDir.of(node.spec, self.launch_kwargs["workdir"]).path) or cluster.cause(e)))
+            finally:
+                cluster.release(ref)
+        return out
+
+    def progress(self) -> dict:
+        import ray
+
+        return ray.get(self.board.snapshot.remote())
+
+    def stop(self) -> None:
+        """Cancel the running experiments (each saves a checkpoint, as on Ctrl-C) and wait a while for them."""
+        from orchestration.execution import cluster
+
+        cluster.cancel(list(self.refs))
+        for ref in self.refs:
+            cluster.release(ref)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.board)
+
+
+class _LocalPool:
+    """Runs nodes in this process, one after another (--in-process)."""
+
+    def __init__(self, launch_kwargs: dict):
+        self.launch_kwargs = launch_kwargs
+        self.next: tuple[str, Node] | None = None
+
+    @property
+    def running(self) -> list[str]:
+        return [self.next[0]] if self.next else []
+
+    def refresh(self) -> None:
+        pass
+
+    def fits(self, node: Node) -> bool:
+        return self.next is None
+
+    def submit(self, key: str, node: Node) -> None:
+        self.next = (key, node)
+
+    def wait(self, nodes: dict[str, Node]) -> list[tuple[str, dict | BaseException]]:
+        from orchestration.execution import worker
+
+        (key, node), self.next = self.next, None
+        try:
+            return [(key, worker.execute(node.spec, **self.launch_kwargs))]
+        except Exception as e:  # noqa: BLE001 - judged by the scheduler, like a Ray task's error
+            return [(key, e)]
+
+    def progress(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def execute(nodes: dict[str, Node], *, workdir: Path, launch_kwargs: dict, report, in_process: bool = False,
+            fail_fast: bool = False) -> dict[str, Node]:
+    """Run the graph: each node once its teachers have finished, on Ray (already connected; several at once
+    where resources allow) or with `in_process` one after another here; returns the nodes with their final
+    status. A node's error fails it and the students waiting for it, or with `fail_fast` (a single run) ends
+    the graph and is raised. `report` hears what happens (orchestration/reporting/console.py). Interrupted
     (Ctrl-C or SIGTERM), it stops the running experiments, which checkpoint, and raises KeyboardInterrupt."""
-    import ray
-
-    t0 = time.time()
-
-    def say(message: str) -> None:
-        elapsed = int(time.time() - t0)
-        log(f"[{table.name} {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
-
-    for node in nodes.values():
-        if _finished(node, workdir):
-            node.status = "cached"
-    cached = [n.label for n in nodes.values() if n.status == "cached"]
-    say(f"{len(nodes)} experiments ({len(cached)} already finished: {', '.join(cached) or 'none'})")
-
-    board = ray.remote(num_cpus=0)(_Board).remote()
-    running: dict = {}  # ObjectRef -> node key
+    mark_cached(nodes, workdir)
+    report.begin(nodes)
+    pool = _LocalPool(launch_kwargs) if in_process else _RayPool(launch_kwargs)
     try:
-        _schedule(nodes, running, board, launch_kwargs, say)
+        _schedule(nodes, pool, workdir, report, fail_fast)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect makes it one)
-        _stop(running, nodes, say)
+        if pool.running:
+            report.stopping([nodes[k] for k in pool.running])
+            pool.stop()
         raise
     finally:
-        ray.kill(board)
+        pool.close()
     return nodes
 
 
-def _schedule(nodes: dict[str, Node], running: dict, board, launch_kwargs: dict, say: Callable[[str], None]) -> None:
-    """Submit every node once its teachers have finished and it fits; collect outcomes until all ended.
-    `running` (ObjectRef -> node key) is kept up to date for the caller."""
-    import ray
-
-    from orchestration.execution import cluster
-    from orchestration.execution.killed import killed
-    from shortcut.record import run_dir
-
-    # Only what fits now is submitted, so that the driver, not Ray's queue, picks the next run (in the
-    # order of _teachers_first). With nothing running a node is submitted even if it does not fit: a
-    # cluster that autoscales provides it later.
-    in_use: collections.Counter = collections.Counter()
+def _schedule(nodes: dict[str, Node], pool, workdir: Path, report, fail_fast: bool) -> None:
+    """Submit every node once its teachers have finished and it fits; collect outcomes until all ended."""
     last_progress = time.time()
-    workdir = Path(launch_kwargs["workdir"])
+    watch_elsewhere = pool.launch_kwargs.get("on_locked") == "record"  # else the run itself fails or waits
     while True:
-        capacity = ray.cluster_resources()  # once a pass: an autoscaling cluster may have grown
+        pool.refresh()
         for key, node in nodes.items():
-            if node.status == "elsewhere":
-                _check_elsewhere(node, workdir, say)
-            if node.status != "waiting":
+            if node.status == Status.ELSEWHERE:
+                _check_elsewhere(node, workdir, report.say)
+            if node.status != Status.WAITING:
                 continue
-            dep_status = [nodes[d].status for d in node.deps]
-            if any(s in ("failed", "skipped") for s in dep_status):
-                node.status = "skipped"
-                node.error = "teacher " + ", ".join(nodes[d].label for d in node.deps
-                                                    if nodes[d].status in ("failed", "skipped")) + " did not finish"
-                say(f"{node.label}: skipped ({node.error})")
-            elif all(s in ("finished", "cached") for s in dep_status):
-                if _running_elsewhere(node, workdir, say):
+            lost = [nodes[d].label for d in node.deps if nodes[d].status in LOST]
+            if lost:
+                node.status, node.error = Status.SKIPPED, f"teacher {', '.join(lost)} did not finish"
+                report.say(f"{node.label}: skipped ({node.error})")
+            elif all(nodes[d].status in DONE for d in node.deps):
+                if watch_elsewhere and _running_elsewhere(node, workdir, report.say):
                     continue
-                need = cluster.demand(node.spec.resources)
-                if running and not _fits(need, in_use, capacity):
+                if not pool.fits(node):
                     continue
-                in_use.update(need)
-                node.status, node.started = "running", time.time()
-                hooks = (ProgressReporter(board, key),)
-                ref = cluster.launch(node.spec.model_dump(mode="json"), node.spec.resources, name=node.spec.name,
-                                     hooks=hooks, **launch_kwargs)
-                running[ref] = key
-                say(f"{node.label}: submitted" + (f" (after {', '.join(nodes[d].label for d in node.deps)})"
-                                                  if node.deps else ""))
-        if not running:
-            if not any(n.status == "elsewhere" for n in nodes.values()):
+                node.status, node.started = Status.RUNNING, time.time()
+                pool.submit(key, node)
+                report.say(f"{node.label}: submitted" + (f" (after {', '.join(nodes[d].label for d in node.deps)})"
+                                                         if node.deps else ""))
+        if not pool.running:
+            if not any(n.status == Status.ELSEWHERE for n in nodes.values()):
                 break
             time.sleep(2.0)
             continue
-        done, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
-        board_now = ray.get(board.snapshot.remote()) if done else {}
-        for ref in done:
-            key = running.pop(ref)
+        for key, result in pool.wait(nodes):
             node = nodes[key]
-            in_use.subtract(cluster.demand(node.spec.resources))
             node.ended = time.time()
-            node.started = board_now.get(key, {}).get("started", node.started)  # run time, not queue time
-            try:
-                node.outcome = ray.get(ref)
-                node.status = "finished" if node.outcome["status"] == "finished" else "failed"
-                node.error = node.outcome.get("error")
-            except Exception as e:  # noqa: BLE001 - one failed experiment never stops the others
-                error = killed(e, run_dir(node.spec, workdir)) or cluster.cause(e)
-                node.status, node.error = "failed", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-            finally:
-                cluster.release(ref)
-            say(f"{node.label}: {node.status} after {_duration(node.ended - node.started)}"
-                + (f": {_metrics(node.outcome)}" if node.status == "finished" else f" ({node.error})"))
-        if time.time() - last_progress >= PROGRESS_EVERY_S and running:
+            if isinstance(result, BaseException):
+                if fail_fast:
+                    raise result
+                node.status = Status.FAILED
+                node.error = f"{type(result).__name__}: {str(result).splitlines()[0][:300] if str(result) else ''}"
+            else:
+                node.outcome = result
+                node.status = Status.FINISHED if result["status"] == "finished" else Status.FAILED
+                node.error = result.get("error")
+            report.ended(node)
+        if time.time() - last_progress >= PROGRESS_EVERY_S and pool.running:
             last_progress = time.time()
-            say(_progress_line(nodes, running, ray.get(board.snapshot.remote())))
+            report.progress(nodes, pool.running, pool.progress())
 
 
 def _running_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> bool:
     """Whether another process (a plain run, another table or sweep) holds the node's run directory; if so
     the node waits for that run's record instead of starting a second writer (shortcut/run_lock.py)."""
     from shortcut import run_lock
-    from shortcut.record import run_dir
+    from shortcut.record import RunDir
 
-    holder = run_lock.holder(run_dir(node.spec, workdir))
+    holder = RunDir.of(node.spec, workdir).holder()
     if holder is None:
         return False
-    node.status = "elsewhere"
+    node.status = Status.ELSEWHERE
     say(f"{node.label}: running elsewhere ({run_lock.describe(holder)}); waiting for its record")
     return True
 
@@ -296,67 +425,18 @@ def _check_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> N
     """A node running elsewhere whose run directory is free again: finished there (cached, with that run's
     record), else waiting (started here next, resuming from that run's last checkpoint)."""
     from orchestration.execution.worker import outcome
-    from shortcut import run_lock
-    from shortcut.record import read as _read_record
-    from shortcut.record import run_dir
+    from orchestration.reporting.console import metrics_line
+    from shortcut.record import RunDir
 
-    rundir = run_dir(node.spec, workdir)
-    if run_lock.holder(rundir) is not None:
+    rundir = RunDir.of(node.spec, workdir)
+    if rundir.holder() is not None:
         return
-    record = _read_record(rundir) or {}
-    if record.get("status") == "finished" and record.get("spec_hash") == node.spec.hash():
-        node.status, node.outcome = "cached", outcome(record, tracked=False)
+    record = rundir.read() or {}
+    if rundir.finished(node.spec.hash()):
+        node.status, node.outcome = Status.CACHED, outcome(record, tracked=False)
         node.error = f"finished elsewhere (pid {record.get('pid', '?')} on {record.get('host', '?')})"
-        say(f"{node.label}: {node.error}: {_metrics(node.outcome)}")
+        say(f"{node.label}: {node.error}: {metrics_line(node.outcome)}")
     else:
-        node.status = "waiting"
+        node.status = Status.WAITING
         say(f"{node.label}: the run elsewhere ended ({record.get('status', 'no record')}); starting it here "
             "(it resumes from the last checkpoint)")
-
-
-def _stop(running: dict, nodes: dict[str, Node], say: Callable[[str], None]) -> None:
-    """Cancel the running experiments (each saves a checkpoint, as on Ctrl-C) and wait a while for them."""
-    from orchestration.execution import cluster
-
-    if not running:
-        return
-    say(f"interrupted: stopping {', '.join(nodes[k].label for k in running.values())} (each checkpoints first)")
-    cluster.cancel(list(running))
-    for ref in running:
-        cluster.release(ref)
-
-
-def _progress_line(nodes: dict[str, Node], running: dict, board: dict) -> str:
-    parts = []
-    for key in running.values():
-        b = board.get(key, {})
-        where = f"{b['step']}/{b['total']}" if "step" in b else b.get("phase", "queued")
-        parts.append(f"{nodes[key].spec.name} {where}")
-    counts = {s: sum(n.status == s for n in nodes.values())
-              for s in ("finished", "cached", "elsewhere", "failed", "waiting")}
-    return "running: " + ", ".join(parts) + " | " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-
-
-def _metrics(outcome: dict | None) -> str:
-    entries = sorted((outcome or {}).get("evaluation", []), key=lambda e: -e["num_steps"])
-    values = [e for e in entries if e.get("value") is not None]
-    if not values:
-        return "no metric"
-    return f"{values[0]['metric']} " + ", ".join(f"{e['value']:.3g} @{e['num_steps']}" for e in values)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def summary(table: TableSpec, nodes: dict[str, Node], seconds: float) -> str:
-    lines = [f"{table.name}: {len(nodes)} experiments in {_duration(seconds)}"]
-    for node in nodes.values():
-        took = _duration(node.ended - node.started) if node.started and node.ended else "-"
-        detail = _metrics(node.outcome) if node.status == "finished" else (node.error or "")
-        lines.append(f"  {node.status:<8} {node.label:<48} {took:>8}  {detail}")
-    failed = [n for n in nodes.values() if n.status in ("failed", "skipped")]
-    if failed:
-        lines.append(f"{len(failed)} did not finish; rerun the same command to redo only those")
-    return "\n".join(lines)

@@ -1,8 +1,9 @@
 """What runs on a Ray worker (or in-process with --in-process): one experiment, start to finish.
 
-`execute` rebuilds the spec from its resolved tree, optionally joins a multi-host JAX job, runs
-`shortcut.run.run` with the MLflow tracker plus any extra hooks (progress reports, a sweep's Tune
-reporter), exports a finished run into results/ and returns a compact outcome for the driver.
+`execute` gets the resolved spec (shortcut/spec: its teacher's inside, so no file is read here), optionally
+joins a multi-host JAX job, runs `shortcut.run.run` with the MLflow tracker plus any extra hooks (progress
+reports, a sweep's Tune reporter), exports a finished run into results/ and returns a compact outcome for
+the driver (its printable summary made by orchestration/reporting/console.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shortcut.spec import Spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +111,7 @@ def enable_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def execute(spec_tree: dict, *, workdir: str, eval_only: bool = False,
+def execute(spec: Spec, *, workdir: str, eval_only: bool = False,
             tracking: Tracking = Tracking(), results_dir: str | None = None, hooks: tuple = (),
             distributed: Distributed | None = None, on_locked: str = "fail", replace_record: bool = False) -> dict:
     """Run one experiment; returns `outcome(record)`. Known errors (data not ready, a failed teacher, ...)
@@ -118,14 +122,14 @@ def execute(spec_tree: dict, *, workdir: str, eval_only: bool = False,
 
     cpu_slots.pin_from_env()  # before JAX starts its threads (a no-op unless the worker's options ask for it)
     try:
-        return _execute(spec_tree, workdir=workdir, eval_only=eval_only, tracking=tracking,
+        return _execute(spec, workdir=workdir, eval_only=eval_only, tracking=tracking,
                         results_dir=results_dir, hooks=hooks, distributed=distributed, on_locked=on_locked,
                         replace_record=replace_record)
     finally:
         cpu_slots.release()  # before Ray hears the run ended and starts the next one on this core
 
 
-def _execute(spec_tree: dict, *, workdir: str, eval_only: bool, tracking: Tracking,
+def _execute(spec: Spec, *, workdir: str, eval_only: bool, tracking: Tracking,
              results_dir: str | None, hooks: tuple, distributed: Distributed | None, on_locked: str,
              replace_record: bool) -> dict:
     if distributed is not None:
@@ -135,9 +139,7 @@ def _execute(spec_tree: dict, *, workdir: str, eval_only: bool, tracking: Tracki
     enable_compilation_cache(workdir)
     from orchestration.tracking.tracker import make_tracker
     from shortcut.run import run
-    from shortcut.spec import validate
 
-    spec = validate(spec_tree, {}, default_source=spec_tree.get("name", "spec"))
     lead = jax.process_index() == 0  # one process records, tracks and exports
     tracker = make_tracker(workdir=workdir, tracking_uri=tracking.uri, enabled=tracking.enabled and lead,
                            keep_server=tracking.keep_server, tags=dict(tracking.tags)) if lead else None
@@ -169,82 +171,14 @@ def export(record: dict, results_dir: str | None, replace: bool = False) -> dict
     return {"exported": str(path)} if path else {}
 
 
-def kept_lines(result: dict) -> list[str]:
-    """What the driver says when a run kept a committed record: that it did, and the committed numbers
-    beside this run's, step count by step count."""
-    from orchestration.reporting.tables import last_entries
-
-    kept = result["kept_record"]
-    commit = str(kept.get("git_commit") or "unknown")[:7]
-
-    def values(entries: list[dict]) -> dict[int, float]:  # each step count's column value
-        return {int(e["num_steps"]): float(e["value"]) for e, first in last_entries({"evaluation": entries}) if first}
-
-    ours, committed = values(result.get("evaluation") or []), values(kept["evaluation"])
-    steps = [n for n in ours if n in committed]
-    lines = [f"  kept the committed record of {commit}: {kept['path']}; this run's record: "
-             f"{result['run_dir']}/run.json; --replace-record to replace it"]
-    if steps:
-        metric = next((e["metric"] for e in result.get("evaluation") or []), "metric")
-        lines.append(f"  {metric} at {' / '.join(map(str, steps))} steps: this run "
-                     f"{' / '.join(f'{ours[n]:.3f}' for n in steps)}; committed "
-                     f"{' / '.join(f'{committed[n]:.3f}' for n in steps)} from {commit} "
-                     f"(largest difference {max(abs(ours[n] - committed[n]) for n in steps):.3f}; docs/running.md, "
-                     "'Determinism', says when runs agree bitwise)")
-    return lines
-
-
 def outcome(record: dict, *, tracked: bool = True) -> dict[str, Any]:
     """What the driver needs of a run record: identity, status, final metrics and a printable summary."""
-    last_step = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
+    from orchestration.reporting.console import summary
+    from shortcut.record import last_evaluation
+
     return {
         "name": record["name"], "spec_hash": record["spec_hash"], "run_dir": record["run_dir"],
         "status": record["status"], "error": record.get("error"), "stopped": record.get("stopped"),
-        "smoke": record.get("smoke", False),
-        "evaluation": [e for e in record.get("evaluation", []) if e["train_step"] == last_step],
+        "smoke": record.get("smoke", False), "evaluation": last_evaluation(record),
         "timings": record.get("timings", {}), "summary": summary(record, tracked=tracked),
     }
-
-
-def summary(record: dict, *, tracked: bool = True) -> str:
-    """A few lines: where the run is, its training time and loss, each step count's metric and, when the
-    run was tracked, its MLflow page."""
-    lines = [f"{record['name']} {record['status']}: {record['run_dir']}"]
-    final = (record.get("train") or {}).get("final")
-    if final:
-        lines.append(f"  train: {record['train']['steps']} steps in {record['timings']['train_s']:.0f}s, "
-                     f"final loss {final['loss']:.4f}")
-    last_step = max((e["train_step"] for e in record.get("evaluation", [])), default=None)
-    last = [e for e in record.get("evaluation", []) if e["train_step"] == last_step]
-    for n, s in (record.get("samples") or {}).items():  # keyed "<N>", or "<N>_w<w>" for one of several scales
-        e = next((e for e in last if e["num_steps"] == (s["num_steps"] if "num_steps" in s else int(n))
-                  and s.get("cfg_scale", e.get("cfg_scale")) == e.get("cfg_scale")), None)
-        metric = f"{e['metric']} {e['value']:8.3f}" if e and e.get("value") is not None else "no metric"
-        if e and "class_accuracy" in e:
-            metric += f", class accuracy {e['class_accuracy']:.3f}"
-        lines.append(f"  {n:>4} step(s) ({s['network_evaluations']} NFE): {metric}   grid {s['grid']}")
-    return "\n".join(lines + (tracking_lines(record) if tracked else []))
-
-
-def tracking_lines(record: dict) -> list[str]:
-    """The run's MLflow page; for the work directory's own server, which stops when no run uses it, also
-    the command that brings it back (at the same address, so the link works again)."""
-    import json
-    from pathlib import Path
-
-    from orchestration.tracking.sync import RUN_ID_FILE
-
-    rundir = Path(record["run_dir"])
-    try:
-        info = json.loads((rundir / RUN_ID_FILE).read_text())
-        uri, url = str(info["tracking_uri"]).rstrip("/"), f"#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
-    except (OSError, ValueError, KeyError):
-        return []
-    if not uri.startswith(("http://", "https://")):
-        return []
-    lines = [f"  tracking: {uri}/{url}"]
-    workdir = rundir.parents[1]
-    if uri.startswith("http://127.0.0.1:") and (workdir / "mlflow").is_dir():
-        lines.append(f"    (the local server stops when idle; `shortcut_tracking server start --workdir {workdir}` "
-                     "brings it back at this address)")
-    return lines
