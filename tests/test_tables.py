@@ -100,7 +100,9 @@ def test_tables_match_hand_computed_cells(results, tmp_path):
     imagenet = (tables / "table1_imagenet256_fid.md").read_text()
     assert "| Shortcut Models | DiT-XL/2 | - | - | - | 3.8 | 7.8 | 10.6 |" in imagenet
     assert "| Reflow | DiT-B/2 | - | - | - | - | - | - |" in imagenet  # unconfirmed ImageNet cells stay empty
-    assert "machine-written summaries that disagree" in imagenet
+    assert "| Flow Matching | DiT-B/2 | - | - | - | 17.3 † | (108.2) † | (324.8) † |" in imagenet  # secondary
+    assert "| Shortcut Models | DiT-B/2 | - | - | - | 15.5 | 28.3 | 40.3 |" in imagenet  # primary: no mark
+    assert "Paper cells marked †: from a secondary source" in imagenet
 
     for name in ("steps_digits_fd_digits.png", "steps_celebahq256_fid.png", "samples_digits.png",
                  "samples_celebahq256.png"):
@@ -170,13 +172,24 @@ def test_paper_numbers_are_data_with_sources():
                 for n, cell in zip((128, 4, 1), cells)}
     for arch, cells in (("DiT-B/2", (15.5, 28.3, 40.3)), ("DiT-XL/2", (3.8, 7.8, 10.6))):
         expected.update({("imagenet256", "shortcut", arch, n): (v, False) for n, v in zip((128, 4, 1), cells)})
+    # the paper's ImageNet-256 column as secondary summaries of it give it (shared/paper/followups.md)
+    secondary = {("flow_matching", 128): (17.3, False), ("flow_matching", 4): (108.2, True),
+                 ("flow_matching", 1): (324.8, True), ("consistency_training", 128): (42.8, False),
+                 ("consistency_training", 4): (43.0, False), ("consistency_training", 1): (69.7, False),
+                 ("diffusion", 128): (39.7, False), ("diffusion", 4): (464.5, False), ("diffusion", 1): (467.2, False),
+                 ("progressive_distillation", 1): (35.6, False), ("live_reflow", 1): (58.1, False)}
+    expected.update({("imagenet256", m, "DiT-B/2", n): cell for (m, n), cell in secondary.items()})
     assert got == expected
     assert known.loc[known["dataset"] == "celebahq256", "source"].str.startswith(
         "Frans et al. 2025, Table 1 (CelebA-HQ), as reprinted in").all()
-    assert known.loc[known["dataset"] == "imagenet256", "source"].str.contains("README").all()
+    imagenet = known[known["dataset"] == "imagenet256"]
+    assert {(r.method, int(r.num_steps)) for r in imagenet.itertuples() if r.secondary} == set(secondary)
+    assert imagenet.loc[~imagenet["secondary"], "source"].str.contains("README").all()
+    assert imagenet.loc[imagenet["secondary"], "source"].str.startswith("secondary: ").all()
+    assert not known.loc[known["dataset"] == "celebahq256", "secondary"].any()
     empty = paper[paper["value"].isna()]
-    assert set(empty["dataset"]) == {"imagenet256"} and len(empty) == 21
-    assert empty["note"].str.contains("machine-written summaries that disagree").all()
+    assert set(empty["dataset"]) == {"imagenet256"} and len(empty) == 10
+    assert empty["note"].str.contains("not given by the secondary summaries").all()
     assert (paper["value"].dropna() != 0).all()
 
 

@@ -305,20 +305,22 @@ def fill_missing_floors(records: list[dict]) -> int:
 
 def load_paper(results_dir: str | Path | None = None):
     """results/paper/*.csv as one DataFrame (empty `value` = a cell the project could not confirm;
-    `unsupported` = a cell the paper prints in parentheses, False where a file has no such column)."""
+    `unsupported` = a cell the paper prints in parentheses, `secondary` = a cell from a secondary source; each
+    False where a file has no such column)."""
     import pandas as pd
 
     root = (Path(results_dir) if results_dir else default_results_dir()) / "paper"
     if not any(root.glob("*.csv")):  # e.g. a results folder outside the checkout: the shipped numbers
         root = REPO_ROOT / "results" / "paper"
     frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))]
-    columns = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "unsupported", "source",
-               "note"]
+    columns = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "unsupported", "secondary",
+               "source", "note"]
     if not frames:
         return pd.DataFrame(columns=columns)
     paper = pd.concat(frames, ignore_index=True)
-    flags = paper["unsupported"] if "unsupported" in paper else pd.Series(False, index=paper.index)
-    paper["unsupported"] = flags.map(lambda v: str(v).strip().lower() in ("true", "1", "yes"))
+    for flag in ("unsupported", "secondary"):
+        flags = paper[flag] if flag in paper else pd.Series(False, index=paper.index)
+        paper[flag] = flags.map(lambda v: str(v).strip().lower() in ("true", "1", "yes"))
     return paper
 
 

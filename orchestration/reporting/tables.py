@@ -128,6 +128,7 @@ class Row:
     ours: dict  # steps -> (mean, std, n) or None
     paper: dict  # steps -> float or None
     paper_unsupported: frozenset = frozenset()  # steps the paper prints in parentheses
+    paper_secondary: frozenset = frozenset()  # steps whose paper value comes from a secondary source
     per_seed: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: value}
     extra: dict = dataclasses.field(default_factory=dict)  # (steps, scale column) -> (mean, std, n): further w
     spreads: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: bootstrap std of the value}
@@ -220,7 +221,8 @@ class Table:
                 line.append("/".join(f"{r.memorisation[n]:.2f}" if n in r.memorisation else MISSING
                                      for n in self.steps))
             if self.paper_tag:
-                line += [format_paper(r.paper.get(n), n in r.paper_unsupported) for n in self.steps]
+                line += [format_paper(r.paper.get(n), n in r.paper_unsupported, n in r.paper_secondary)
+                         for n in self.steps]
             out.append(line)
         return out
 
@@ -269,12 +271,16 @@ def floor_note(records: list[dict], ds: str, metric: str) -> str | None:
             f"compute), {MARK_MOVING} one still moving.")
 
 
-def format_paper(value, unsupported: bool = False) -> str:
-    """A paper cell: '-' if unknown; in parentheses where the paper puts it in parentheses."""
+MARK_SECONDARY = "†"
+
+
+def format_paper(value, unsupported: bool = False, secondary: bool = False) -> str:
+    """A paper cell: '-' if unknown; in parentheses where the paper puts it in parentheses; † where the value
+    comes from a secondary source."""
     if value is None:
         return MISSING
     text = f"{value:.1f}" if round(value, 1) == value else f"{value:g}"  # the paper prints one decimal: 23.0
-    return f"({text})" if unsupported else text
+    return (f"({text})" if unsupported else text) + (f" {MARK_SECONDARY}" if secondary else "")
 
 
 def sort_key(method: str, arch: str, label: str):
@@ -372,12 +378,14 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
     for (method, arch), g in p.groupby(["method", "arch"], sort=False):
         values = {int(r.num_steps): (None if pd.isna(r.value) else float(r.value)) for r in g.itertuples()}
         unsupported = frozenset(int(r.num_steps) for r in g.itertuples() if r.unsupported and not pd.isna(r.value))
+        secondary = frozenset(int(r.num_steps) for r in g.itertuples() if getattr(r, "secondary", False)
+                              and not pd.isna(r.value))
         matched = [row for key, row in rows.items() if key[:2] == (method, arch)]
         if not matched:
             rows[(method, arch, "")] = Row(method, arch, method_name(method), {}, {})
             matched = [rows[(method, arch, "")]]
         for row in matched:
-            row.paper, row.paper_unsupported = values, unsupported
+            row.paper, row.paper_unsupported, row.paper_secondary = values, unsupported, secondary
     ordered = sorted(rows.values(), key=lambda r: sort_key(r.method, r.arch, r.label))
     params = sorted({{"ema": "EMA"}.get(str(e.get("params", "ema")), str(e.get("params"))) for r in records
                      if r["dataset"] == ds for e in r.get("evaluation") or [] if e.get("metric") == metric})
@@ -419,6 +427,9 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
         notes.append("Paper: " + (text or "no published value available") +
                      ". Empty paper cells ('-'): " + (p.loc[p["value"].isna(), "note"].iloc[0]
                                                     if p["value"].isna().any() else "none") + ".")
+        if "secondary" in p and (p["secondary"] & p["value"].notna()).any():
+            notes.append(f"Paper cells marked {MARK_SECONDARY}: from a secondary source (a summary of the paper, not "
+                         "the paper or its official code); the primary source could not be read.")
         if (p["unsupported"] & p["value"].notna()).any():
             notes.append("Paper cells in parentheses, e.g. (302.9): the paper's own mark, 'evaluation under "
                          "conditions that the objective is not intended to support'.")
@@ -497,5 +508,6 @@ def values_frame(t: Table) -> pd.DataFrame:
                          "compute_x_flow": (r.mean_compute / t.reference_compute
                                             if r.mean_compute and t.reference_compute else None),
                          "paper_metric": t.paper_tag, "paper": None if w else r.paper.get(n),
-                         "paper_unsupported": not w and n in r.paper_unsupported})
+                         "paper_unsupported": not w and n in r.paper_unsupported,
+                         "paper_secondary": not w and n in r.paper_secondary})
     return pd.DataFrame(rows)
