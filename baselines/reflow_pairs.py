@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shortcut import progress as progress_lib
 from shortcut import record as record_lib
 from shortcut.compute import forward_flops_per_sample
 from shortcut.data.iterators import pack_state, unpack_state
@@ -107,8 +108,10 @@ def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callab
     sampler = teacher.parts.sampler
     arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r+") for name in ("noise", "image", "label")}
     batch = max(1, min(spec.eval.batch_size, chunk))
+    bar = progress_lib.bar(n, f"{spec.name} pairs", unit="pair", initial=min(n, chunk * len(progress["done"])))
     for done_now, c in enumerate(todo):
         if max_chunks is not None and done_now >= max_chunks:
+            bar.close()
             return directory
         t0 = time.perf_counter()
         lo, hi = c * chunk, min(n, (c + 1) * chunk)
@@ -120,12 +123,14 @@ def generate_pairs(spec: Spec, teacher: Teacher, directory: Path, *, log: Callab
             arrays["noise"][start:start + count] = np.asarray(noise[:count])
             arrays["image"][start:start + count] = np.asarray(out[:count])
             arrays["label"][start:start + count] = labels[:count]
+            bar.update(count)
         for a in arrays.values():
             a.flush()
         progress["done"] = sorted(progress["done"] + [c])
         record_lib.write_json(progress_path, progress, indent=1)
         log(f"{spec.name}: pairs chunk {len(progress['done'])}/{num_chunks} ({hi - lo} pairs) in "
             f"{time.perf_counter() - t0:.1f}s")
+    bar.close()
     return directory
 
 

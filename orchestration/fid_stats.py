@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          data_dir=d.data_dir, image_size=d.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)
     ref = compute_reference_stats(batches, net.features, dataset=d.dataset, split=d.split, feature_net=net.name,
-                                  feature_net_sha256=net.sha256, path=out, keep_features=PR_MAX_SAMPLES,
+                                  feature_net_sha256=net.sha256, path=out, keep_features=PR_MAX_SAMPLES, total=info.num_examples,
                                   extra_provenance={"image_size": d.image_size, "num_examples": info.num_examples,
                                                     "verified_weights": ev.verify_inception})
     from shortcut.evaluation.noise_floor import noise_floor

@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the plan's times assume (0.4)")
     pl.add_argument("--no-bisect", action="store_true", help="plan without searching the largest batch that fits")
     pl.add_argument("--plan-out", metavar="FILE", help="where the plan's JSON goes (default results/plans/...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars: plain log lines, as in a log file or CI "
+                   "(also: SHORTCUT_PROGRESS=plain)")
     p.add_argument("--verbose", action="store_true", help="also show TensorFlow's, absl's and Ray's start-up "
                    "messages (hidden by default; also: SHORTCUT_VERBOSE=1)")
     r = p.add_argument_group("execution")
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.verbose:  # before Ray starts: its workers inherit it
         os.environ["SHORTCUT_VERBOSE"] = "1"
+    if args.quiet:
+        from shortcut import progress
+
+        progress.set_quiet()
     if args.list:
         print("\n".join(list_specs() + [f"{n}  (table)" for n in list_tables()]))
         return 0

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -217,7 +215,7 @@ def evaluate(spec: Spec, metric: Metric | None, sampler: Callable, params, *, ob
         result = compute_sample_metrics(
             batches, ev.num_samples, ev.batch_size, metric.reference, metric.net, checkpoint_path=stats_path,
             fingerprint=f"{spec.hash()}:{train_step}:{n}:{w}:{spec.seed + 1}:{ev.params}",
-            progress=sys.stderr.isatty() and not os.environ.get("CI"),
+            desc=f"{spec.name} eval {n}-step" + (f" w={w:g}" if w != 1 else ""),
             extra_references={name: ref for name, (ref, _, _) in metric.extra_references.items()})
         if writer is not None:  # samples a resumed evaluation did not regenerate
             for start, count in writer.missing(ev.batch_size):

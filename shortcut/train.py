@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -18,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from shortcut.checkpoint import Checkpointer
 from shortcut.compute import program_flops
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.errors import ShortcutError
 from shortcut.model import DiT
+from shortcut import progress
 from shortcut.objective import Context, Objective
 from shortcut.sharding import Parallel
 from shortcut.spec import OptimizerSpec, Spec
@@ -190,8 +189,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
         log(f"resumed from checkpoint at step {resumed_from}")
     history: list[dict] = []
     last_saved = resumed_from
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not interactive, dynamic_ncols=True, desc="train")
+    bar = progress.bar(cfg.steps, f"{spec.name} train", unit="step", initial=start)
     signals = _StopSignals()
     t0 = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
@@ -217,8 +215,8 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
                 window_start, window_steps = now, 0
                 history.append(metrics)
                 on_log(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", it_s=f"{metrics['steps_per_sec']:.1f}")
-                if not interactive:
+                bar.note(f"loss {metrics['loss']:.4f}")
+                if not progress.shows_bars():
                     log(" ".join([f"step {done}/{cfg.steps}"] + [f"{k} {v:.4g}" for k, v in metrics.items()
                                                                  if k not in ("step", "lr")]))
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:

@@ -22,6 +22,7 @@ import socket
 from typing import Any
 
 from orchestration.execution import cpu_slots
+from shortcut import progress
 from shortcut.errors import ShortcutError
 from shortcut.spec import ResourcesSpec, Spec
 
@@ -142,6 +143,7 @@ def launch(spec: Spec, *, name: str | None = None, **kwargs):
 
     resources = spec.resources
     options = worker_options(resources)
+    options["runtime_env"]["env_vars"].update(progress.worker_env())  # bars drawn by this driver, or plain lines
     name = name or spec.name
     if resources.hosts == 1:
         from orchestration.execution.killed import max_retries

@@ -40,7 +40,6 @@ from shortcut.errors import first_error
 from shortcut.spec import Spec, SpecError
 from shortcut.spec_files import load_spec, read_yaml, spec_path
 
-PROGRESS_EVERY_S = 30.0
 
 
 class TableSpec(BaseModel):
@@ -351,6 +350,7 @@ def execute(nodes: dict[str, Node], *, workdir: Path, launch_kwargs: dict, repor
     try:
         _schedule(nodes, pool, workdir, report, fail_fast)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cluster.connect makes it one)
+        report.interrupted(nodes, pool.running)
         if pool.running:
             report.stopping([nodes[k] for k in pool.running])
             pool.stop()
@@ -362,7 +362,6 @@ def execute(nodes: dict[str, Node], *, workdir: Path, launch_kwargs: dict, repor
 
 def _schedule(nodes: dict[str, Node], pool, workdir: Path, report, fail_fast: bool) -> None:
     """Submit every node once its teachers have finished and it fits; collect outcomes until all ended."""
-    last_progress = time.time()
     watch_elsewhere = pool.launch_kwargs.get("on_locked") == "record"  # else the run itself fails or waits
     while True:
         pool.refresh()
@@ -402,9 +401,7 @@ def _schedule(nodes: dict[str, Node], pool, workdir: Path, report, fail_fast: bo
                 node.status = Status.FINISHED if result["status"] == "finished" else Status.FAILED
                 node.error = result.get("error")
             report.ended(node)
-        if time.time() - last_progress >= PROGRESS_EVERY_S and pool.running:
-            last_progress = time.time()
-            report.progress(nodes, pool.running, pool.progress())
+        report.progress(nodes, pool.running, pool.progress())  # the report keeps its own cadence
 
 
 def _running_elsewhere(node: Node, workdir: Path, say: Callable[[str], None]) -> bool:

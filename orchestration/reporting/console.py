@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from orchestration.reporting import table_progress
 from shortcut.record import last_evaluation
 
 
@@ -104,12 +105,14 @@ def duration(seconds: float) -> str:
 class TableReport:
     """A table's report: every event as one line with the time since the table began."""
 
-    def __init__(self, title: str, log: Callable[[str], None] = print):
+    def __init__(self, title: str, log: Callable[[str], None] | None = None):
         self.title, self.log, self.t0 = title, log, time.time()
+        self.view = table_progress.TableProgress(title, self.say)
 
     def say(self, message: str) -> None:
         elapsed = int(time.time() - self.t0)
-        self.log(f"[{self.title} {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
+        # print looked up now: with bars on, Ray's bar manager has replaced it with one that keeps the bars whole
+        (self.log or print)(f"[{self.title} {elapsed // 60:02d}:{elapsed % 60:02d}] {message}")
 
     def begin(self, nodes: dict) -> None:
         cached = [n.label for n in nodes.values() if n.status == "cached"]
@@ -122,17 +125,17 @@ class TableReport:
     def stopping(self, nodes: list) -> None:
         self.say(f"interrupted: stopping {', '.join(n.label for n in nodes)} (each checkpoints first)")
 
+    def interrupted(self, nodes: dict, running: list[str]) -> None:
+        """Ctrl-C: what is kept and how to resume (table_progress.interrupted)."""
+        self.view.close()
+        self.say(table_progress.interrupted(nodes, running))
+
     def progress(self, nodes: dict, running: list[str], board: dict) -> None:
-        parts = []
-        for key in running:
-            b = board.get(key, {})
-            where = f"{b['step']}/{b['total']}" if "step" in b else b.get("phase", "queued")
-            parts.append(f"{nodes[key].spec.name} {where}")
-        counts = {s: sum(n.status == s for n in nodes.values())
-                  for s in ("finished", "cached", "elsewhere", "failed", "waiting")}
-        self.say("running: " + ", ".join(parts) + " | " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+        """Called on every pass of the scheduler: a bar on a terminal, a line every 30 s elsewhere."""
+        self.view.update(nodes, running, board)
 
     def summary(self, nodes: dict, seconds: float) -> str:
+        self.view.close()
         lines = [f"{self.title}: {len(nodes)} experiments in {duration(seconds)}"]
         for node in nodes.values():
             took = duration(node.ended - node.started) if node.started and node.ended else "-"
@@ -172,3 +175,9 @@ class RunReport(TableReport):
 
     def stopping(self, nodes: list) -> None:
         print("interrupted: stopping the run (it checkpoints first) ...", file=sys.stderr)
+
+    def interrupted(self, nodes: dict, running: list[str]) -> None:
+        pass
+
+    def progress(self, nodes: dict, running: list[str], board: dict) -> None:
+        pass

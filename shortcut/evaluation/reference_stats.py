@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from shortcut.evaluation.frechet import RunningStats, atomic_savez, frechet_distance, frechet_distance_of_samples
-from shortcut.evaluation.streaming import FeatureFn, progress_enabled
+from shortcut.evaluation.streaming import FeatureFn
 
 FORMAT = "shortcut-models/reference-stats/v1"
 
@@ -103,6 +103,7 @@ def compute_reference_stats(
     path: str | os.PathLike | None = None,
     progress: bool | None = None,
     keep_features: int = 0,
+    total: int | None = None,
 ) -> ReferenceStats:
     """Stream dataset image batches (e.g. a TFDS iterator, in [-1, 1]) through ``feature_fn``.
 
@@ -110,27 +111,19 @@ def compute_reference_stats(
     (one compiled shape) and the padding dropped. Writes ``path`` if given. The features of
     the first ``keep_features`` images are kept as the precision/recall reference set. For a
     resumable computation over a random-access source use ``compute_stats`` and then
-    :meth:`ReferenceStats.from_running_stats`.
+    :meth:`ReferenceStats.from_running_stats`. ``total`` (the images to expect) gives the progress
+    bar its time left.
     """
-    from tqdm.auto import tqdm
+    from shortcut import progress as progress_lib
 
     stats: RunningStats | None = None
     kept: list[np.ndarray] = []
     first = None
-    for images in tqdm(batches, desc=f"reference {dataset}/{split}", unit="batch",
-                       disable=not progress_enabled(progress)):
-        images = np.asarray(images)
-        n = images.shape[0]
-        if first is None:
-            first = n
-        if n < first:
-            images = np.concatenate([images, np.zeros((first - n, *images.shape[1:]), images.dtype)])
-        feats = np.asarray(feature_fn(images))[:n]
-        if stats is None:
-            stats = RunningStats(feats.shape[-1])
-        stats.update(feats)
-        if keep_features > sum(len(k) for k in kept):
-            kept.append(np.asarray(feats[:keep_features - sum(len(k) for k in kept)], np.float32))
+    with progress_lib.bar(total, f"reference {dataset}/{split}", unit="img", enabled=progress) as bar:
+        for images in batches:
+            stats = _add_batch(np.asarray(images), feature_fn, stats, kept, keep_features, first)
+            first = first or len(images)
+            bar.update(len(images))
     if stats is None:
         raise ValueError("no batches given")
     ref = ReferenceStats.from_running_stats(
@@ -142,3 +135,19 @@ def compute_reference_stats(
     if path is not None:
         ref.save(path)
     return ref
+
+
+def _add_batch(images: np.ndarray, feature_fn: FeatureFn, stats: RunningStats | None, kept: list[np.ndarray],
+               keep_features: int, first: int | None) -> RunningStats:
+    """One batch's features into `stats` (zero-padded to the first batch's size: one compiled shape), the
+    first `keep_features` of them kept."""
+    n = images.shape[0]
+    if first is not None and n < first:
+        images = np.concatenate([images, np.zeros((first - n, *images.shape[1:]), images.dtype)])
+    feats = np.asarray(feature_fn(images))[:n]
+    if stats is None:
+        stats = RunningStats(feats.shape[-1])
+    stats.update(feats)
+    if keep_features > sum(len(k) for k in kept):
+        kept.append(np.asarray(feats[:keep_features - sum(len(k) for k in kept)], np.float32))
+    return stats

@@ -90,7 +90,8 @@ class SampleStats:
 
 def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: int, reference: ReferenceStats,
                            net, *, checkpoint_path: str | os.PathLike | None = None, fingerprint: str = "",
-                           progress: bool | None = None, extra_references: dict | None = None) -> MetricResult:
+                           progress: bool | None = None, extra_references: dict | None = None,
+                           desc: str | None = None) -> MetricResult:
     """Score `num_samples` images (``batches_fn(start, n)`` in [-1, 1], NHWC) with `net` (an object
     with ``outputs(images) -> (features, logits or None)``, ``name``, ``sha256``) against `reference`.
 
@@ -100,12 +101,12 @@ def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: 
     network has no logits, the precision/recall keys when the reference holds no features (then
     "score_notes" says so). Also "bootstrap_std" (the value's std over resamplings of the samples, when every
     sample's features are kept and they are small enough) and, for each of `extra_references` (name ->
-    ReferenceStats), the Frechet distance to it under that name.
+    ReferenceStats), the Frechet distance to it under that name. `desc` names the progress bar.
     """
     reference.check_feature_net(net.name, net.sha256)
     stats: SampleStats = compute_stats(
         batches_fn, net.outputs, num_samples, batch_size, checkpoint_path,
-        fingerprint=f"{net.name}:{net.sha256}:{fingerprint}:scores-v1", progress=progress, desc=f"{net.name} features",
+        fingerprint=f"{net.name}:{net.sha256}:{fingerprint}:scores-v1", progress=progress, desc=desc or f"{net.name} features",
         new_stats=lambda output: SampleStats.for_output(output, num_samples), load_stats=SampleStats.from_state_dict)
     is_name, p_name, r_name = score_names(net.name)
     out: dict[str, Any] = {}

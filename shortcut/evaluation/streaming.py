@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,10 +15,10 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
 def progress_enabled(progress: bool | None) -> bool:
-    """Progress bars default to on for an interactive terminal and off in CI."""
-    if progress is not None:
-        return progress
-    return not os.environ.get("CI") and sys.stderr.isatty()
+    """Progress bars: the caller's choice, else shortcut.progress.mode() (on for a terminal, off in CI)."""
+    from shortcut import progress as progress_lib
+
+    return progress if progress is not None else progress_lib.shows_bars()
 
 
 def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
@@ -104,9 +103,9 @@ def compute_stats(
                        batch_size=np.int64(batch_size), fingerprint=np.array(fingerprint),
                        shard=np.array(shard, np.int64))
 
-    from tqdm.auto import tqdm
+    from shortcut import progress as progress_lib
 
-    bar = tqdm(total=hi - lo, initial=start - lo, desc=desc, unit="img", disable=not progress_enabled(progress))
+    bar = progress_lib.bar(hi - lo, desc, unit="img", initial=start - lo, enabled=progress)
     batches_done = 0
     try:
         for i in range(start, hi, batch_size):
