@@ -21,6 +21,8 @@ a column `N-step, w = ...` for each further one. Outputs:
     results/figures/samples_<dataset>.png                   Figure-1 style: same starting noise, one row per
                                                             method, one column per step count (the first
                                                             sample of each run's grids, see results.py)
+    results/report.html                                     all of the above on one self-contained page
+                                                            (reporting/report.py)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pandas as pd
 from orchestration.reporting import findings as findings_lib
 from orchestration.reporting import results as results_lib
 from orchestration.reporting.figures import budget_ranking, plot_budget, plot_curves, plot_steps, sample_figure
+from orchestration.reporting.report import write_report
 from orchestration.reporting.tables import (SCORES, Table, build_tables, method_name, to_csv, to_latex, to_markdown,
                                            values_frame)
 
@@ -53,7 +56,9 @@ def select_metric(records: list[dict], name: str) -> list[dict]:
     return out
 
 
-def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Path]:
+def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path, longer: list[dict] | None = None) -> list[Path]:
+    """Every output under out_dir: tables, findings, figures, a budget study's (with `longer`, its records) and
+    the one-page report.html (report.py)."""
     written = []
     tables_dir, figures_dir = out_dir / "tables", out_dir / "figures"
     tables_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +83,9 @@ def make_all(records: list[dict], paper: pd.DataFrame, out_dir: Path) -> list[Pa
         fig = sample_figure(records, ds, figures_dir / f"samples_{ds}.png")
         if fig:
             written.append(fig)
+    if longer is not None:
+        written += write_budget(records, longer, paper, out_dir)
+    written.append(write_report(tables, records, out_dir))
     return written
 
 
@@ -148,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --metric {args.metric}: no run records it (a run's metric, e.g. fid or fd_digits, or one "
                   f"of {', '.join(SCORES)})", file=sys.stderr)
             return 2
-    written = make_all(records, paper, Path(args.out) if args.out else root)
-    if args.budget:
-        written += write_budget(records, results_lib.load_exports(args.budget), paper, Path(args.out) if args.out
-                                else root)
+    written = make_all(records, paper, Path(args.out) if args.out else root,
+                       results_lib.load_exports(args.budget) if args.budget else None)
     print(f"{len(records)} run(s) -> {len(written)} file(s):")
     for f in written:
         print(f"  {f}")
