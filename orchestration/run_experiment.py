@@ -234,11 +234,14 @@ def _fail_if_locked(args, spec, workdir: str) -> None:
 
 
 def _run_table(args, table, address: str | None) -> int:
+    import contextlib
+    import dataclasses
     import time
 
     from orchestration import make_tables
     from orchestration.execution import cluster, graph
     from orchestration.reporting.console import TableReport
+    from orchestration.tracking import parent
     from shortcut.record import run_dir
 
     nodes = graph.build(table, tuple(args.overrides), smoke=args.smoke)
@@ -260,18 +263,35 @@ def _run_table(args, table, address: str | None) -> int:
         warning = cluster.check_feasible(node.spec.resources, resources_now, node.spec.name, local=not address)
         if warning:
             print(warning, file=sys.stderr)
-    t0, report = time.time(), TableReport(table.name)
-    nodes = graph.execute(nodes, workdir=workdir, launch_kwargs=kwargs, report=report)
-    print(report.summary(nodes, time.time() - t0))
-    tables_args = ["--results-dir", kwargs["results_dir"]] + (["--replace-record"] if kwargs["replace_record"] else [])
-    if args.smoke:
-        tables_args += ["--include-smoke", "--export", str(workdir)]
-    else:  # also finished runs of an earlier invocation whose export went elsewhere
-        tables_args += ["--export"] + [str(run_dir(n.spec, workdir)) for n in nodes.values() if n.status == "cached"]
-        if tables_args[-1] == "--export":
-            tables_args.pop()
-    make_tables.main(tables_args)
-    return 0 if all(n.status in graph.DONE for n in nodes.values()) else 1
+    client, release = parent.client_for(workdir, kwargs["tracking"])  # the table as a parent MLflow run
+    parent_id = parent.start_table(client, table, nodes, smoke=args.smoke) if client is not None else None
+    if parent_id:
+        tracking = kwargs["tracking"]
+        kwargs["tracking"] = dataclasses.replace(tracking, tags=tracking.tags + ((parent.PARENT_TAG, parent_id),))
+    try:
+        t0, report = time.time(), TableReport(table.name)
+        nodes = graph.execute(nodes, workdir=workdir, launch_kwargs=kwargs, report=report)
+        print(report.summary(nodes, time.time() - t0))
+        cached = [str(run_dir(n.spec, workdir)) for n in nodes.values() if n.status == "cached"]
+        tables_args = ["--results-dir", kwargs["results_dir"]] + (["--replace-record"] if kwargs["replace_record"]
+                                                                   else [])
+        if args.smoke:
+            tables_args += ["--include-smoke", "--export", str(workdir)]
+        elif cached:  # also finished runs of an earlier invocation whose export went elsewhere
+            tables_args += ["--export", *cached]
+        make_tables.main(tables_args)
+        ok = all(n.status in graph.DONE for n in nodes.values())
+        if parent_id:
+            parent.adopt(client, parent_id, cached)
+            parent.finish_table(client, parent_id, Path(kwargs["results_dir"]), ok=ok)
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        if parent_id:
+            with contextlib.suppress(Exception):
+                client.set_terminated(parent_id, "KILLED")
+        raise
+    finally:
+        release()
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ def trial(config: dict, *, base: Spec, launch_kwargs: dict, parent_run_id: str |
     from ray import tune
 
     from orchestration.execution.worker import execute
+    from orchestration.tracking.parent import PARENT_TAG
     from shortcut.record import run_dir
     from shortcut.run_lock import RunLock
 
@@ -135,7 +136,7 @@ def trial(config: dict, *, base: Spec, launch_kwargs: dict, parent_run_id: str |
     tracking = launch_kwargs["tracking"]
     tags = dict(tracking.tags, sweep=base.name, sweep_trial=tune.get_context().get_trial_id())
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[PARENT_TAG] = parent_run_id
     # a run directory in use elsewhere (a plain run of the same values): wait for that run's record
     kwargs = dict(launch_kwargs, tracking=dataclasses.replace(tracking, tags=tuple(tags.items())), on_locked="record")
     outcome = execute(spec, hooks=(TuneReporter(),), **kwargs)
@@ -144,25 +145,6 @@ def trial(config: dict, *, base: Spec, launch_kwargs: dict, parent_run_id: str |
 
 
 # ------------------------------------------------------------------------------------------- MLflow
-
-
-def _client(workdir: Path, tracking):
-    """(MlflowClient, release) for the sweep's parent run, or (None, noop) when tracking is off."""
-    if not tracking.enabled:
-        return None, lambda: None
-    from mlflow.tracking import MlflowClient
-
-    from orchestration.tracking.server import LocalServer, healthy
-
-    if tracking.uri:
-        return (MlflowClient(tracking.uri) if healthy(tracking.uri) else None), lambda: None
-    server = LocalServer.for_workdir(workdir)
-    try:
-        uri = server.acquire(keep=tracking.keep_server)
-    except Exception as e:  # noqa: BLE001 - tracking never stops a sweep
-        print(f"tracking: warning: no local MLflow server ({e}); the sweep goes on untracked", file=sys.stderr)
-        return None, lambda: None
-    return MlflowClient(uri), server.release
 
 
 def _parent_run(client, state: dict, spec: Spec) -> str | None:
@@ -196,6 +178,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from orchestration.execution import cluster
+    from orchestration.tracking.parent import client_for
 
     sweep_dir = workdir / "sweeps" / spec.name
     state_path = sweep_dir / STATE_FILE
@@ -219,7 +202,7 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
     if warning:
         print(warning, file=sys.stderr)
 
-    client, release = _client(workdir, launch_kwargs["tracking"])
+    client, release = client_for(workdir, launch_kwargs["tracking"])
     try:
         parent = _parent_run(client, state, spec)
         sweep_dir.mkdir(parents=True, exist_ok=True)

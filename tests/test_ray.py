@@ -159,10 +159,30 @@ def test_table_graph_runs_teacher_then_student_and_reruns_only_what_is_missing(t
     table.write_text(yaml.safe_dump({"description": "teacher, student and a failing run",
                                      "experiments": ["digits_progressive_distillation", str(broken)],
                                      "set": TINY + ["method.denoise_timesteps=4"]}))
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.tracking.server import LocalServer
+
     workdir, results = tmp_path / "runs", tmp_path / "results"
-    args = [str(table), "--workdir", str(workdir), "--no-tracking", "--cpus", "2", "--results-dir", str(results)]
-    done = _cli("run_experiment", *args)
+    server = LocalServer.for_workdir(tmp_path / "mlflow-work", idle_timeout=60, log=lambda s: None)
+    uri = server.acquire(keep=True)
+    server.release()
+    args = [str(table), "--workdir", str(workdir), "--cpus", "2", "--results-dir", str(results)]
+    try:
+        done = _cli("run_experiment", *args, "--tracking-uri", uri, env={"SHORTCUT_TRACKING": "on"})
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        artifacts = {a.path for r in runs if r.data.tags.get("kind") == "table"
+                     for path in (None, "tables") for a in client.list_artifacts(r.info.run_id, path)}
+    finally:
+        server.stop()
     out = done.stdout + done.stderr
+    # the table is a parent MLflow run: its runs are children, its tables and figures its artifacts
+    [parent] = [r for r in runs if r.data.tags.get("kind") == "table"]
+    children = {r.data.tags["spec_name"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert children == {"digits_flow", "digits_progressive_distillation", "mnist_flow"}, out[-3000:]
+    assert parent.info.status == "FAILED" and parent.data.tags["table"] == "tiny_table"
+    assert artifacts >= {"tables", "figures", "report.html", "tables/table1_digits_fd_digits.md"}, artifacts
     assert done.returncode == 1, out[-3000:]  # one experiment failed ...
     teacher, student = _record(workdir, "digits_flow"), _record(workdir, "digits_progressive_distillation")
     assert teacher["status"] == student["status"] == "finished"  # ... the others did not suffer
@@ -174,7 +194,7 @@ def test_table_graph_runs_teacher_then_student_and_reruns_only_what_is_missing(t
     table_md = (results / "tables" / "table1_digits_fd_digits.md").read_text()
     assert "Progressive Distillation" in table_md and "Flow Matching" in table_md
 
-    again = _cli("run_experiment", *args)  # only the failed experiment runs again
+    again = _cli("run_experiment", *args, "--no-tracking")  # only the failed experiment runs again
     out = again.stdout + again.stderr
     assert again.returncode == 1
     assert "2 already finished" in out
