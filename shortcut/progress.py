@@ -65,6 +65,11 @@ class Bar:
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn (else callers log their plain lines)."""
+        return self.mode != "plain"
+
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from shortcut import progress
 from shortcut.checkpoint import Checkpointer
 from shortcut.compute import program_flops
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.errors import ShortcutError
 from shortcut.model import DiT
-from shortcut import progress
 from shortcut.objective import Context, Objective
 from shortcut.sharding import Parallel
 from shortcut.spec import OptimizerSpec, Spec
@@ -216,7 +216,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
                 history.append(metrics)
                 on_log(metrics)
                 bar.note(f"loss {metrics['loss']:.4f}")
-                if not progress.shows_bars():
+                if not bar.shown:  # the plain lines where no bar stands in for them
                     log(" ".join([f"step {done}/{cfg.steps}"] + [f"{k} {v:.4g}" for k, v in metrics.items()
                                                                  if k not in ("step", "lr")]))
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
