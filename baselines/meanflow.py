@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
+from shortcut.losses import adaptive_weight
 from shortcut.methods import MethodConfig
 from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand, interpolate
 
@@ -98,7 +99,7 @@ class MeanFlowObjective(Objective):
         weight = None
         if cfg.adaptive_p > 0:
             err = jnp.sum(jnp.square(u - target), axis=tuple(range(1, u.ndim)))
-            weight = jax.lax.stop_gradient(1.0 / (err + cfg.adaptive_c) ** cfg.adaptive_p)
+            weight = adaptive_weight(err, cfg.adaptive_p, cfg.adaptive_c)
         group = (jnp.arange(b) < nm).astype(jnp.int32)
         return Targets(x_t, t, d_cond, y, target, group, weight)
 

@@ -23,6 +23,10 @@ Choices where the paper and the official code differ (official default kept unle
     their own times and noise (the official code reuses the keys).
   * the intermediate point and the bootstrap target are clipped to [-4, 4] like the official code
     (`bootstrap_clip`, None disables it).
+
+Later recipe choices, each a key whose default is the paper's recipe (docs/methods.md, "The shortcut
+design space"): `split`, `t_sampling`, `ot_pairing`, `loss`, `loss_weighting`; twin EMA is
+`optimizer.ema_decay` given as a list (shortcut/train.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from pydantic import Field
 
+from shortcut import losses, pairing
+from shortcut.errors import InputError
 from shortcut.methods import MethodConfig
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -80,12 +86,15 @@ def drop_labels(key: jax.Array, labels: jax.Array, prob: float, null_class: int)
 
 
 def flow_targets(key: jax.Array, images: jax.Array, labels: jax.Array, *, m: int, class_dropout: float,
-                 null_class: int) -> Targets:
-    """Flow-matching targets: t on the grid k/M, d = 1/M, v = x1 - x0, labels dropped to the null class."""
+                 null_class: int, t: jax.Array | None = None, x0: jax.Array | None = None) -> Targets:
+    """Flow-matching targets: t on the grid k/M, d = 1/M, v = x1 - x0, labels dropped to the null class.
+    `t` and the noise `x0` are drawn here (t uniform on the grid) unless given."""
     k_t, k_noise, k_label = jax.random.split(key, 3)
     b = images.shape[0]
-    t = jax.random.randint(k_t, (b,), 0, m).astype(jnp.float32) / m
-    x0 = jax.random.normal(k_noise, images.shape, images.dtype)
+    if t is None:
+        t = jax.random.randint(k_t, (b,), 0, m).astype(jnp.float32) / m
+    if x0 is None:
+        x0 = jax.random.normal(k_noise, images.shape, images.dtype)
     x_t = interpolate(x0, images, t)
     d = jnp.full((b,), 1.0 / m, jnp.float32)
     return Targets(x_t, t, d, drop_labels(k_label, labels, class_dropout, null_class), images - x0,
@@ -178,6 +187,10 @@ class Objective:
         """The objective's own training state (kept in the TrainState and checkpointed); None by default."""
         return None
 
+    def row_loss(self, pred: jax.Array, target: jax.Array) -> jax.Array:
+        """The optimised loss of each row [B] (before Targets.weight): mean squared error by default."""
+        return losses.mse_rows(pred, target)
+
     def next_aux(self, aux, *, params, step: jax.Array, ema_params=None) -> Any:
         """Update `aux` after an optimizer step (inside jit); `step` is the number of steps done;
         params / ema_params are the parameters after that step."""
@@ -202,6 +215,31 @@ class ShortcutConfig(MethodConfig):
     bootstrap_cfg: bool = Field(default=False, description="finest bootstrap level uses CFG with cfg_scale")
     cfg_scale: float = Field(default=1.5, description="w for bootstrap_cfg")
     bootstrap_clip: float | None = Field(default=4.0, gt=0)
+    # The design space of later work (docs/methods.md); every default is the paper's recipe.
+    split: Literal["half", "uniform"] = Field(
+        default="half", description="where the two-step bootstrap target splits a step d: at d/2 (the paper) or "
+        "at a uniform multiple of 1/M inside it (the SplitMeanFlow identity)")
+    t_sampling: Literal["uniform", "logit_normal"] = Field(
+        default="uniform", description="how flow and bootstrap rows draw t on their grids: uniform (the paper) or "
+        "logit-normal (ESC), t = sigmoid(t_mean + t_std * n) in this framework's time (t = 1 data) rounded down "
+        "to the row's grid")
+    t_mean: float = Field(default=0.0, description="logit_normal: mean of logit(t), in this framework's time "
+                          "(ESC's -0.4 with t = 1 noise is +0.4 here)")
+    t_std: float = Field(default=1.0, gt=0, description="logit_normal: standard deviation of logit(t)")
+    ot_pairing: pairing.Pairing = Field(
+        default="none", description="noise-data pairing within each batch: none (independent), exact (the "
+        "minibatch optimal assignment, SciPy) or sinkhorn (entropic OT, OTT-JAX)")
+    ot_epsilon: float = Field(default=0.05, gt=0, description="sinkhorn: entropic regularisation, relative to the "
+                              "mean squared distance")
+    loss: Literal["l2", "wavelet"] = Field(default="l2", description="l2 (mean squared error) or wavelet (iSM's "
+                                           "multi-level Haar loss of the error, shortcut/losses.py)")
+    wavelet_levels: int = Field(default=1, ge=1, description="wavelet: levels of the Haar transform (2^levels "
+                                "must divide the model input's height and width)")
+    loss_weighting: Literal["none", "adaptive"] = Field(
+        default="none", description="adaptive: weight each row by 1 / (L + weighting_c)^weighting_p, L its squared "
+        "error summed over the sample, under stop-gradient (MeanFlow, ESC)")
+    weighting_p: float = Field(default=1.0, ge=0, description="adaptive: the power p")
+    weighting_c: float = Field(default=1e-3, gt=0, description="adaptive: the constant c")
 
 
 class ShortcutObjective(Objective):
@@ -221,6 +259,14 @@ class ShortcutObjective(Objective):
         super().__init__(config, num_classes=num_classes)
         self.num_levels = int(np.log2(config.denoise_timesteps))
 
+    @classmethod
+    def from_spec(cls, spec) -> "ShortcutObjective":
+        cfg = spec.method
+        if cfg.loss == "wavelet" and any(n % 2 ** cfg.wavelet_levels for n in spec.input_shape[:2]):
+            raise InputError(f"{spec.name}: method.wavelet_levels: 2^{cfg.wavelet_levels} must divide the model "
+                             f"input's height and width {spec.input_shape[:2]}")
+        return super().from_spec(spec)
+
     def bootstrap_size(self, batch_size: int) -> int:
         return int(round(batch_size * self.config.bootstrap_fraction))
 
@@ -238,41 +284,97 @@ class ShortcutObjective(Objective):
             counts[0] += n % self.num_levels
         return np.repeat(np.arange(self.num_levels), counts)[::-1].copy()
 
+    def grid_times(self, key: jax.Array, cells) -> jax.Array:
+        """t on each row's grid {0, 1/n, .., (n-1)/n}, n = `cells` (an int, or one per row), drawn by `t_sampling`.
+
+        uniform: k uniform on {0..n-1} (the paper). logit_normal (ESC, arXiv 2512.11831): a continuous draw
+        u = sigmoid(t_mean + t_std * N(0, 1)) is rounded down onto the grid, k = min(floor(u n), n - 1), so
+        a grid point k/n gets the mass of [k/n, (k+1)/n).
+        """
+        cfg = self.config
+        cells = jnp.asarray(cells)
+        shape = cells.shape if cells.ndim else ()
+        if cfg.t_sampling == "uniform":
+            k = jax.random.randint(key, shape, 0, cells)
+        else:
+            u = jax.nn.sigmoid(cfg.t_mean + cfg.t_std * jax.random.normal(key, shape))
+            k = jnp.minimum(jnp.floor(u * cells), cells - 1)
+        return k.astype(jnp.float32) / cells
+
+    def split_points(self, key: jax.Array, levels: np.ndarray) -> jax.Array | None:
+        """The first sub-step of each bootstrap row's two-step target: None for `half` (d/2); for `uniform`
+        j/M with j uniform on {1, .., dM - 1}, so both sub-steps stay on the trained grid of multiples of 1/M
+        (SplitMeanFlow, Guo et al. 2025, arXiv 2507.16884: (t-r) u(r, t) = (s-r) u(r, s) + (t-s) u(s, t))."""
+        if self.config.split == "half":
+            return None
+        m = self.config.denoise_timesteps
+        fine = jnp.asarray(m // 2 ** np.asarray(levels))  # d M, at least 2
+        return jax.random.randint(key, fine.shape, 1, fine).astype(jnp.float32) / m
+
     def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         cfg = self.config
         images, labels = batch["image"], batch["label"]
+        b = images.shape[0]
         flow_kw = dict(m=cfg.denoise_timesteps, class_dropout=cfg.class_dropout, null_class=self.null_class)
-        nb = self.bootstrap_size(images.shape[0])
+        x0 = None  # the noise, drawn in flow_targets and below unless it is paired with the data here
+        if cfg.ot_pairing != "none":
+            k_pair, k_draw = jax.random.split(jax.random.fold_in(key, 1))
+            x0 = pairing.pair_noise(k_pair, jax.random.normal(k_draw, images.shape, images.dtype), images,
+                                    cfg.ot_pairing, epsilon=cfg.ot_epsilon)
+        nb = self.bootstrap_size(b)
         if nb == 0:
-            return flow_targets(key, images, labels, **flow_kw)
+            return flow_targets(key, images, labels, **flow_kw, t=self._flow_times(key, b), x0=x0)
         k_flow, k_t, k_noise = jax.random.split(key, 3)
-        flow = flow_targets(k_flow, images[nb:], labels[nb:], **flow_kw)
+        flow = flow_targets(k_flow, images[nb:], labels[nb:], **flow_kw, t=self._flow_times(k_flow, b - nb),
+                            x0=None if x0 is None else x0[nb:])
 
         levels = self.bootstrap_levels(nb)
         d = jnp.asarray(2.0 ** -levels, jnp.float32)
-        t = jax.random.randint(k_t, (nb,), 0, jnp.asarray(2 ** levels)).astype(jnp.float32) * d
+        t = self.grid_times(k_t, jnp.asarray(2 ** levels))
         x1, y = images[:nb], labels[:nb]
-        x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
+        x0 = jax.random.normal(k_noise, x1.shape, x1.dtype) if x0 is None else x0[:nb]
         x_t = interpolate(x0, x1, t)
         teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
-        v = jax.lax.stop_gradient(self.bootstrap_target(ctx.apply_fn, teacher, x_t, t, levels, y))
+        first = self.split_points(jax.random.fold_in(key, 2), levels)
+        v = jax.lax.stop_gradient(self.bootstrap_target(ctx.apply_fn, teacher, x_t, t, levels, y, first=first))
         boot = Targets(x_t, t, d, y, v, jnp.ones((nb,), jnp.int32))
         return Targets(*(jnp.concatenate([a, f]) for a, f in zip(boot[:6], flow[:6])))
 
+    def _flow_times(self, key: jax.Array, n: int) -> jax.Array | None:
+        """Flow rows' t by `t_sampling`; None (flow_targets' own uniform draw) for uniform."""
+        if self.config.t_sampling == "uniform":
+            return None
+        return self.grid_times(jax.random.fold_in(key, 3), jnp.full((n,), self.config.denoise_timesteps))
+
     def bootstrap_target(self, apply_fn: ApplyFn, params, x_t: jax.Array, t: jax.Array, levels: np.ndarray,
-                         labels: jax.Array) -> jax.Array:
-        """The self-consistency target (v1 + v2) / 2 for rows at static `levels` (finest first, as from
-        `bootstrap_levels`), clipped like the official code; with bootstrap_cfg the finest level's rows
-        are guided with cfg_scale."""
+                         labels: jax.Array, first: jax.Array | None = None) -> jax.Array:
+        """The self-consistency target for rows at static `levels` (finest first, as from `bootstrap_levels`),
+        clipped like the official code; with bootstrap_cfg the finest level's rows are guided with cfg_scale.
+
+        Two steps of sizes a = `first` and d - a: v1 = s(x_t, t, a), x' = x_t + a v1, v2 = s(x', t + a, d - a),
+        target = (a v1 + (d - a) v2) / d; with `first` None, a = d/2 and the target is (v1 + v2) / 2 (the paper).
+        """
         cfg = self.config
         d = jnp.asarray(2.0 ** -np.asarray(levels), jnp.float32)
-        half = d / 2
+        a = d / 2 if first is None else first
         n_cfg = int(np.sum(levels == self.num_levels - 1)) if cfg.bootstrap_cfg else 0
         velocity = functools.partial(self._velocity, apply_fn, params, n_cfg=n_cfg)
-        v1 = velocity(x_t, t, half, labels)
-        x_mid = self._clip(x_t + expand(half, x_t) * v1)
-        v2 = velocity(x_mid, t + half, half, labels)
-        return self._clip((v1 + v2) / 2)
+        v1 = velocity(x_t, t, a, labels)
+        x_mid = self._clip(x_t + expand(a, x_t) * v1)
+        v2 = velocity(x_mid, t + a, d - a, labels)
+        if first is None:
+            return self._clip((v1 + v2) / 2)
+        return self._clip((expand(a, v1) * v1 + expand(d - a, v2) * v2) / expand(d, v1))
+
+    def row_loss(self, pred: jax.Array, target: jax.Array) -> jax.Array:
+        """`loss` of each row (l2 or the wavelet loss), times the adaptive weight under `loss_weighting: adaptive`,
+        whose L is the row's loss times the sample's size (for l2, the squared error summed over the sample)."""
+        cfg = self.config
+        rows = losses.mse_rows(pred, target) if cfg.loss == "l2" else \
+            losses.wavelet_rows(pred, target, cfg.wavelet_levels)
+        if cfg.loss_weighting == "adaptive":
+            rows = rows * losses.adaptive_weight(rows * np.prod(pred.shape[1:]), cfg.weighting_p, cfg.weighting_c)
+        return rows
 
     def _velocity(self, apply_fn, params, x, t, d, labels, *, n_cfg: int) -> jax.Array:
         """The network's velocity; the first n_cfg rows (the finest level) with CFG scale w."""

@@ -32,7 +32,12 @@ LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
 # Keys added after runs were recorded, hashed only away from the value all earlier runs had, so that
 # adding a key keeps the hash (and run directory) of every existing spec.
 KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_levels"): "even",
-                        ("method", "sample_level"): "step_size", ("data", "heldout_split"): None}
+                        ("method", "sample_level"): "step_size", ("data", "heldout_split"): None,
+                        # the shortcut method's design space (shortcut/objective.py, ShortcutConfig)
+                        **{("method", k): v for k, v in (
+                            ("split", "half"), ("t_sampling", "uniform"), ("t_mean", 0.0), ("t_std", 1.0),
+                            ("ot_pairing", "none"), ("ot_epsilon", 0.05), ("loss", "l2"), ("wavelet_levels", 1),
+                            ("loss_weighting", "none"), ("weighting_p", 1.0), ("weighting_c", 1e-3))}}
 TEACHER_SPEC = "teacher_spec"  # in a self-contained tree (Spec.to_tree): the teacher's own resolved tree
 
 
@@ -132,7 +137,23 @@ class OptimizerSpec(_Section):
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)
-    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    ema_decay: float | tuple[float, ...] = Field(
+        default=0.999, description="the EMA decay, or a list of decays, one EMA each, all in the train state and "
+        "its checkpoints: the first is evaluated, objectives build their targets with the last (twin EMA, iSM: "
+        "[0.9999, 0.95])")
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _decays(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        decays = value if isinstance(value, tuple) else (value,)
+        if not decays or not all(0 <= x < 1 for x in decays):
+            raise ValueError(f"expected a decay in [0, 1) or a non-empty list of them, got {value!r}")
+        return value
+
+    @property
+    def ema_decays(self) -> tuple[float, ...]:
+        """The EMA decays, one or several (twin EMA), in the train state's order (shortcut/train.py)."""
+        return self.ema_decay if isinstance(self.ema_decay, tuple) else (self.ema_decay,)
 
 
 class TrainSpec(_Section):
