@@ -231,7 +231,7 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
     from shortcut import assembly
     from shortcut.checkpoint import Checkpointer
     from shortcut.record import git_commit, run_dir, write_json
-    from shortcut.train import init_state
+    from shortcut.train import checkpoint_tree, fresh_emas, init_state
 
     if spec.model.architecture != "official":
         raise ImportMismatch(f"spec {spec.name} has model.architecture {spec.model.architecture}; an official "
@@ -252,7 +252,9 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
     # The official step starts at 1 before any update; Adam's count is the number of updates.
     step = count if count is not None else max(_scalar(official.get("step", 1)) - 1, 0)
     params, ema, opt_state = jax.tree.map(jnp.asarray, (params, ema, opt_state))
-    state = state.replace(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema, opt_state=opt_state)
+    ema, more_ema = fresh_emas(ema, spec.optimizer.ema_decays)  # the official EMA starts every EMA of a twin EMA
+    state = state.replace(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema, opt_state=opt_state,
+                          more_ema=more_ema)
 
     rundir = run_dir(spec, workdir)
     from shortcut.run_lock import RunLock
@@ -262,7 +264,7 @@ def import_checkpoint(checkpoint: str | Path, spec, workdir: str | Path | None =
     if checkpointer.latest_step() is not None:
         checkpointer.close()
         raise ImportMismatch(f"{rundir} already has checkpoints; remove it or pick another --workdir")
-    checkpointer.save(step, state, b"")
+    checkpointer.save(step, checkpoint_tree(state), b"")
     checkpointer.close()
     (rundir / "params.txt").write_text(parameter_overview.get_parameter_overview(state.params, include_stats=False)
                                        + "\n")

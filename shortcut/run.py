@@ -28,7 +28,7 @@ from shortcut.record import RunDir, Status, last_evaluation
 from shortcut.run_lock import RunLock
 from shortcut.sharding import Parallel
 from shortcut.spec import Spec, SpecError
-from shortcut.train import StopTraining, init_state, make_train_step, train
+from shortcut.train import StopTraining, init_state, make_train_step, resume, train
 
 
 class UnsupportedError(ShortcutError, RuntimeError):
@@ -250,7 +250,7 @@ def _run(parts: assembly.Parts, rundir: RunDir, eval_only: bool, record: dict, l
     checkpointer = rundir.checkpointer(keep=spec.train.keep_checkpoints)
     try:
         if eval_only:
-            found = checkpointer.resume(state, log=log)
+            found = resume(checkpointer, state, log=log)
             if found is None:
                 raise UnsupportedError(f"--eval-only: no checkpoint in {checkpointer.directory}; train first")
             step, (state, _) = found

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from shortcut.errors import ShortcutError
 from shortcut.record import RunDir, Status
 from shortcut.spec import Spec
+from shortcut.train import fresh_emas
 
 
 class TeacherError(ShortcutError, RuntimeError):
@@ -123,4 +124,5 @@ def start_from_teacher(spec: Spec, state, objective, teacher: Teacher | None):
     if not objective.init_from_teacher:
         return state
     params = jax.tree.map(lambda a: jnp.array(a, copy=True), teacher.params)
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+    ema, more_ema = fresh_emas(params, spec.optimizer.ema_decays)
+    return state.replace(params=params, ema_params=ema, more_ema=more_ema)

@@ -23,6 +23,7 @@ from shortcut.checkpoint import Checkpointer
 from shortcut.compute import program_flops
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.errors import ShortcutError
+from shortcut.losses import mse_rows
 from shortcut.model import DiT
 from shortcut.objective import Context, Objective
 from shortcut.sharding import Parallel
@@ -41,6 +42,29 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
     aux: Any = None  # the objective's own state (e.g. a teacher's parameters)
+    # EMAs beyond the first, one per further decay of optimizer.ema_decay (None with one decay: the state
+    # and its checkpoints are then exactly what they were before twin EMA).
+    more_ema: Any = None
+
+    @property
+    def target_ema(self) -> Any:
+        """The EMA objectives build targets with: the last decay's (the only one with a single decay)."""
+        return self.more_ema[-1] if self.more_ema else self.ema_params
+
+
+def fresh_emas(params, decays: tuple[float, ...]) -> tuple[Any, Any]:
+    """(ema_params, more_ema) all starting at `params`: the first decay's EMA and a tuple of the others (None
+    with one decay)."""
+    copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731
+    return copy(), (tuple(copy() for _ in decays[1:]) or None)
+
+
+def update_emas(state: TrainState, params, decays: tuple[float, ...]) -> tuple[Any, Any]:
+    """(ema_params, more_ema) after one step to `params`: each EMA e <- decay e + (1 - decay) params with its
+    own decay (twin EMA: iSM, arXiv 2510.21250, a fast EMA for the targets and a slow one to evaluate)."""
+    ema = lambda e, decay: jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, e, params)  # noqa: E731
+    more = tuple(ema(e, decay) for e, decay in zip(state.more_ema or (), decays[1:])) or None
+    return ema(state.ema_params, decays[0]), more
 
 
 def build_model(spec: Spec) -> DiT:
@@ -75,8 +99,9 @@ def init_state(spec: Spec, model: DiT, optimizer: optax.GradientTransformation, 
     x = jnp.zeros((b, *spec.input_shape), jnp.float32)
     params = model.init(init_key, x, jnp.zeros((b,)), jnp.ones((b,)), jnp.zeros((b,), jnp.int32))["params"]
     aux = objective.init_aux(params, teacher_params) if objective is not None else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=optimizer.init(params), rng=train_key, aux=aux)
+    ema, more = fresh_emas(params, spec.optimizer.ema_decays)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=optimizer.init(params),
+                      rng=train_key, aux=aux, more_ema=more)
 
 
 def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.GradientTransformation,
@@ -84,33 +109,35 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
     """The jit-compiled update: (state, batch) -> (state, metrics). With `parallel` (and the `state`
     whose shapes it shards) it is compiled with the state's dp/fsdp shardings and the batch split over
     the devices, so the state keeps its sharding from step to step."""
-    ema_decay = spec.optimizer.ema_decay
+    decays = spec.optimizer.ema_decays
     schedule = learning_rate(spec.optimizer)
     groups = objective.groups
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
-        ctx = Context(apply_fn, state.params, state.ema_params, state.step, state.aux)
+        ctx = Context(apply_fn, state.params, state.target_ema, state.step, state.aux)
         tg = objective.targets(key, batch, ctx)
 
         def loss_fn(params):
             pred = apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels)
-            mse = jnp.mean(jnp.square(pred - tg.v), axis=tuple(range(1, pred.ndim)))
-            weighted = mse if tg.weight is None else mse * tg.weight
-            return jnp.mean(weighted), mse
+            rows = objective.row_loss(pred, tg.v)
+            weighted = rows if tg.weight is None else rows * tg.weight
+            return jnp.mean(weighted), mse_rows(pred, tg.v)
 
         # `loss` is the optimised objective (weighted where the objective weights rows); the per-group
         # losses are plain MSEs, comparable across steps and methods.
         (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+        ema, more_ema = update_emas(state, params, decays)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
         for i, name in enumerate(groups):
             mask = tg.group == i
             metrics[f"loss_{name}"] = jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1)
-        aux = objective.next_aux(state.aux, params=params, ema_params=ema, step=state.step + 1)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, aux=aux)
+        aux = objective.next_aux(state.aux, params=params, ema_params=more_ema[-1] if more_ema else ema,
+                                 step=state.step + 1)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, aux=aux,
+                                  more_ema=more_ema)
         return new_state, metrics
 
     if parallel is None:
@@ -174,7 +201,7 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
     `prefetch` batches are put on the devices (`shard`) ahead of the step that takes them."""
     cfg = spec.train
     resumed_from, data_state = None, None
-    found = checkpointer.resume(state, log=log, set_aside=True)
+    found = resume(checkpointer, state, log=log, set_aside=True)
     if found is not None:
         resumed_from, (state, data_state) = found
     start = int(state.step)
@@ -243,6 +270,25 @@ def train(spec: Spec, state: TrainState, train_step: Callable, data: Iterator, c
     return TrainResult(state, history, resumed_from, time.perf_counter() - t0)
 
 
+def checkpoint_tree(state: TrainState) -> dict:
+    """The state as its checkpoints hold it: a mapping of its fields, `more_ema` left out with one EMA, so that
+    a one-EMA checkpoint is exactly what it was before twin EMA (and those checkpoints restore)."""
+    tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if tree["more_ema"] is None:
+        del tree["more_ema"]
+    return tree
+
+
+def resume(checkpointer: Checkpointer, like: TrainState, **kwargs) -> tuple[int, tuple[TrainState, bytes]] | None:
+    """`Checkpointer.resume` for a TrainState: (step, (state, data iterator bytes)) of the newest readable step,
+    with the structure and shardings of `like`; None when there is no checkpoint."""
+    found = checkpointer.resume(checkpoint_tree(like), **kwargs)
+    if found is None:
+        return None
+    step, (tree, data) = found
+    return step, (TrainState(**tree), data)
+
+
 def _finite(state: TrainState) -> bool:
     leaves = jax.tree.leaves(state.params)
     return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
@@ -252,5 +298,5 @@ def _save(checkpointer: Checkpointer, step: int, state: TrainState, data) -> int
     if not _finite(state):
         raise NonFiniteLossError(f"parameters became non-finite by step {step}; not saving over the last good "
                                  f"checkpoint in {checkpointer.directory}")
-    checkpointer.save(step, state, data.get_state())
+    checkpointer.save(step, checkpoint_tree(state), data.get_state())
     return step
