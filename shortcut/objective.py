@@ -236,8 +236,9 @@ class ShortcutConfig(MethodConfig):
     wavelet_levels: int = Field(default=1, ge=1, description="wavelet: levels of the Haar transform (2^levels "
                                 "must divide the model input's height and width)")
     loss_weighting: Literal["none", "adaptive"] = Field(
-        default="none", description="adaptive: weight each row by 1 / (L + weighting_c)^weighting_p, L its squared "
-        "error summed over the sample, under stop-gradient (MeanFlow, ESC)")
+        default="none", description="adaptive: weight each row by 1 / (L + weighting_c)^weighting_p under "
+        "stop-gradient, L the row's loss times the sample's size (for l2 its squared error summed over the "
+        "sample, as MeanFlow and ESC)")
     weighting_p: float = Field(default=1.0, ge=0, description="adaptive: the power p")
     weighting_c: float = Field(default=1e-3, gt=0, description="adaptive: the constant c")
 
