@@ -148,7 +148,7 @@ class OptimizerSpec(_Section):
         decays = value if isinstance(value, tuple) else (value,)
         if not decays or not all(0 <= x < 1 for x in decays):
             raise ValueError(f"expected a decay in [0, 1) or a non-empty list of them, got {value!r}")
-        return value
+        return decays[0] if len(decays) == 1 else value  # [a] is a, and hashes as a
 
     @property
     def ema_decays(self) -> tuple[float, ...]:

@@ -105,6 +105,7 @@ def test_one_decay_keeps_the_state_and_checkpoints_as_before(tmp_path):
 def test_a_list_of_decays_is_hashed_and_a_single_one_is_not_changed():
     base = load_spec("digits_shortcut")
     assert load_spec("digits_shortcut", ["optimizer.ema_decay=0.99"]).hash() == base.hash()
+    assert load_spec("digits_shortcut", ["optimizer.ema_decay=[0.99]"]).hash() == base.hash()
     twin = load_spec("digits_shortcut", ["optimizer.ema_decay=[0.99, 0.95]"])
     assert twin.optimizer.ema_decays == (0.99, 0.95) and twin.hash() != base.hash()
 
