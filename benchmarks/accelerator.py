@@ -7,7 +7,7 @@ Train step: DiT-B/2 and DiT-XL/2 shortcut models (imagenet_ditb_shortcut, imagen
 the paper's batch size (256), bfloat16, under `dp` and `fsdp` (fsdp only with more than one device:
 on one device it is dp). For each: step time, images/s, memory (XLA's compiled estimate per device,
 and the allocator's peak where the device reports it), and MFU = XLA's cost-analysis FLOPs of the
-compiled (per-device) step / step time / the device's peak dense bf16 FLOP/s (`DEVICES` in orchestration/plan.py). Custom
+compiled (per-device) step / step time / the device's peak dense bf16 FLOP/s (`DEVICES` in orchestration/planning/devices.py). Custom
 calls (a fused cuDNN attention) are not in XLA's FLOP count, so MFU then reads low, not high.
 
 FID-50k: DiT-B/2 sampling at 1 and 4 steps (the spec's guidance scale there), sd-vae-ft-mse decode,
@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from orchestration.plan import device_for_kind
+from orchestration.planning.devices import device_for_kind
 from shortcut import assembly
 from shortcut.sampling import noise_for, sample_labels
 from shortcut.sharding import Parallel
@@ -48,7 +48,7 @@ FID_CASE = ("DiT-B/2", "imagenet_ditb_shortcut")
 
 
 def peak_flops(kind: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a JAX device kind: the planner's table (orchestration/plan.py DEVICES)."""
+    """Peak dense bf16 FLOP/s of a JAX device kind: the planner's table (orchestration/planning/devices.py DEVICES)."""
     device = device_for_kind(kind)
     return device.peak_flops if device else None
 
