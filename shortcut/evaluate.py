@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from shortcut.images import save_grid
-from shortcut.metrics import Metric
+from shortcut.evaluation.metric import Metric
 from shortcut.sampling import sample_range
 from shortcut.spec import Spec
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from importlib import metadata
-from typing import Any
 
 from shortcut.errors import ShortcutError
 from shortcut.errors import KeyedValueError
@@ -36,38 +35,6 @@ class Quantity:
     findings: bool = False  # the paper's pairwise findings (about FID) are checked on it (a Frechet distance)
 
 
-@dataclasses.dataclass
-class Metric:
-    """A metric ready to score samples: its feature network and reference statistics, with what the number
-    depends on (recorded in each evaluation entry)."""
-
-    name: str
-    net: Any  # outputs(images) -> (features [N, D], logits or None), name, sha256, score_names
-    reference: Any  # evaluation.ReferenceStats
-    reference_sha256: str
-    classifier: Any = None  # for class accuracy of class-conditional samples
-    note: str = ""
-    provenance: dict = dataclasses.field(default_factory=dict)  # what the number depends on, for each entry
-    floor_pool: Any = None  # features of real images disjoint from the reference (for its noise floor)
-    floor_source: str = ""
-    extra_references: dict = dataclasses.field(default_factory=dict)  # name -> (ReferenceStats, floor pool, source)
-    memorisation: Any = None  # evaluation.memorisation.Memorisation
-
-    def floor(self, num_samples: int, reference: str | None = None) -> dict | None:
-        """The noise floor at `num_samples` of the main reference (or of one of `extra_references`): stored
-        with the reference statistics (fid_stats), or measured here from its floor pool and then kept with
-        them for this process. None when neither exists."""
-        ref, pool, source = (self.reference, self.floor_pool, self.floor_source) if reference is None \
-            else self.extra_references[reference]
-        stored = (ref.provenance.get("noise_floor") or {}).get(str(num_samples))
-        if stored is None and pool is not None:
-            from shortcut.evaluation.noise_floor import noise_floor
-
-            stored = noise_floor(pool, ref, num_samples, source=source)
-            ref.provenance.setdefault("noise_floor", {})[str(num_samples)] = stored
-        return stored
-
-
 class MetricPlugin:
     """One metric: `name` (the spec's `eval.metric`), `value` (its own number), `scores` (the other numbers its
     entries record, by key). `load` raises EvaluationSetupError (or the feature network's own error) with
@@ -80,10 +47,11 @@ class MetricPlugin:
     def check(self, spec) -> None:
         """Raise KeyedValueError("eval.metric", ...) when a spec's data cannot be scored by this metric."""
 
-    def load(self, spec) -> Metric:
+    def load(self, spec):
+        """The `evaluation.metric.Metric` ready to score samples: feature network and reference statistics."""
         raise NotImplementedError
 
-    def smoke(self, spec) -> Metric | None:
+    def smoke(self, spec):
         """The stand-in of a --smoke run (mock data, no real reference): None for no metric."""
         return None
 
@@ -113,7 +81,7 @@ def plugin(name: str) -> MetricPlugin:
     return _entry_points()[check_name(name)].load()()
 
 
-def load_metric(spec) -> Metric | None:
+def load_metric(spec):
     """The spec's metric, ready to use (its --smoke stand-in for a --smoke spec), None for `none`; raises before
     any training when weights or reference statistics are missing."""
     if spec.eval.metric == NONE:

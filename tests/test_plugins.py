@@ -120,7 +120,8 @@ import numpy as np
 from shortcut.evaluation import ReferenceStats, RunningStats
 from shortcut.evaluation.digits_classifier import load_digits_split
 from shortcut.methods import KeyedValueError
-from shortcut.metrics import Metric, MetricPlugin, Quantity
+from shortcut.evaluation.metric import Metric
+from shortcut.metrics import MetricPlugin, Quantity
 
 
 class PixelNet:

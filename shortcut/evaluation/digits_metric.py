@@ -10,7 +10,8 @@ import hashlib
 import numpy as np
 
 from shortcut.errors import KeyedValueError
-from shortcut.metrics import Metric, MetricPlugin, Quantity
+from shortcut.evaluation.metric import Metric
+from shortcut.metrics import MetricPlugin, Quantity
 
 
 def digits_metric(class_conditional: bool = True, heldout_split: str | None = None, train_split: str = "train") -> Metric:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut.metrics import EvaluationSetupError, Metric, MetricPlugin, Quantity
+from shortcut.evaluation.metric import Metric
+from shortcut.metrics import EvaluationSetupError, MetricPlugin, Quantity
 
 
 def default_reference_path(spec) -> Path:
