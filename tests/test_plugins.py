@@ -55,12 +55,26 @@ requires = ["setuptools>=61"]
 build-backend = "setuptools.build_meta"
 
 [project]
-name = "uniform-time-method"
+name = "{name}"
 version = "0.1"
 
-[project.entry-points."shortcut.methods"]
-uniform_time = "uniform_time_method:UniformTimeObjective"
+[project.entry-points."{group}"]
+{entry_point}
 '''
+
+
+def install(root: Path, module: str, text: str, group: str, entry_point: str) -> Path:
+    """A one-module package with one entry point, installed into root/site (not into the project's environment)."""
+    package = root / "src"
+    package.mkdir()
+    (package / f"{module}.py").write_text(textwrap.dedent(text))
+    (package / "pyproject.toml").write_text(PYPROJECT.format(name=module.replace("_", "-"), group=group,
+                                                             entry_point=entry_point))
+    site = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
+    return site
+
 
 SPEC = '''
 description: A plugin method on the embedded digits.
@@ -74,13 +88,8 @@ method:
 def plugin(tmp_path_factory):
     """The package installed into its own directory (not into the project's environment)."""
     root = tmp_path_factory.mktemp("plugin")
-    package = root / "src"
-    package.mkdir()
-    (package / "uniform_time_method.py").write_text(textwrap.dedent(MODULE))
-    (package / "pyproject.toml").write_text(PYPROJECT)
-    site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
+    site = install(root, "uniform_time_method", MODULE, "shortcut.methods",
+                   'uniform_time = "uniform_time_method:UniformTimeObjective"')
     experiments = root / "experiments"
     shutil.copytree(REPO / "experiments" / "bases", experiments / "bases")
     (experiments / "digits_uniform_time.yaml").write_text(SPEC)
@@ -150,31 +159,11 @@ class FdPixels(MetricPlugin):
                       floor_pool=net.outputs(load_digits_split(spec.data.split)[0])[0], floor_source="train split")
 '''
 
-METRIC_PYPROJECT = '''
-[build-system]
-requires = ["setuptools>=61"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "pixel-metric"
-version = "0.1"
-
-[project.entry-points."shortcut.metrics"]
-fd_pixels = "pixel_metric:FdPixels"
-'''
-
-
 def test_a_metric_from_another_package_scores_a_digits_run(tmp_path):
     """A throwaway metric package, installed into its own directory, is found through the `shortcut.metrics`
     entry points: a spec may name it, a digits run records its value and scores, and the table takes the
     plugin's name, direction and description."""
-    package = tmp_path / "src"
-    package.mkdir()
-    (package / "pixel_metric.py").write_text(textwrap.dedent(METRIC_MODULE))
-    (package / "pyproject.toml").write_text(METRIC_PYPROJECT)
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
+    site = install(tmp_path, "pixel_metric", METRIC_MODULE, "shortcut.metrics", 'fd_pixels = "pixel_metric:FdPixels"')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "JAX_PLATFORMS": "cpu"}
     results = tmp_path / "results"
     shutil.copytree(REPO / "results" / "paper", results / "paper")
