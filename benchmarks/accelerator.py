@@ -34,6 +34,7 @@ import numpy as np
 
 from orchestration.planning.devices import device_for_kind
 from shortcut import assembly
+from shortcut.compute import xla_flops
 from shortcut.sampling import noise_for, sample_labels
 from shortcut.sharding import Parallel
 from shortcut.spec_files import load_spec
@@ -72,9 +73,7 @@ def train_case(label: str, name: str, strategy: str, overrides: list[str], steps
     compiled = make_train_step(parts.apply_fn, parts.objective, parts.optimizer, spec, parallel, state).lower(
         state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = xla_flops(compiled) or 0.0
     mem = compiled.memory_analysis()
     compiled_bytes = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
