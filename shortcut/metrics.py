@@ -14,8 +14,7 @@ import dataclasses
 import functools
 from importlib import metadata
 
-from shortcut.errors import ShortcutError
-from shortcut.errors import KeyedValueError
+from shortcut.errors import KeyedValueError, ShortcutError
 
 ENTRY_POINT_GROUP = "shortcut.metrics"
 NONE = "none"  # `eval.metric: none`: grids only, no number
