@@ -7,7 +7,7 @@ Train step: DiT-B/2 and DiT-XL/2 shortcut models (imagenet_ditb_shortcut, imagen
 the paper's batch size (256), bfloat16, under `dp` and `fsdp` (fsdp only with more than one device:
 on one device it is dp). For each: step time, images/s, memory (XLA's compiled estimate per device,
 and the allocator's peak where the device reports it), and MFU = XLA's cost-analysis FLOPs of the
-compiled (per-device) step / step time / the device's peak dense bf16 FLOP/s (`DEVICES` in orchestration/plan.py). Custom
+compiled (per-device) step / step time / the device's peak dense bf16 FLOP/s (`DEVICES` in orchestration/planning/devices.py). Custom
 calls (a fused cuDNN attention) are not in XLA's FLOP count, so MFU then reads low, not high.
 
 FID-50k: DiT-B/2 sampling at 1 and 4 steps (the spec's guidance scale there), sd-vae-ft-mse decode,
@@ -32,8 +32,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from orchestration.plan import device_for_kind
+from orchestration.planning.devices import device_for_kind
 from shortcut import assembly
+from shortcut.compute import xla_flops
 from shortcut.sampling import noise_for, sample_labels
 from shortcut.sharding import Parallel
 from shortcut.spec_files import load_spec
@@ -48,7 +49,7 @@ FID_CASE = ("DiT-B/2", "imagenet_ditb_shortcut")
 
 
 def peak_flops(kind: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a JAX device kind: the planner's table (orchestration/plan.py DEVICES)."""
+    """Peak dense bf16 FLOP/s of a JAX device kind: the planner's table (orchestration/planning/devices.py DEVICES)."""
     device = device_for_kind(kind)
     return device.peak_flops if device else None
 
@@ -72,9 +73,7 @@ def train_case(label: str, name: str, strategy: str, overrides: list[str], steps
     compiled = make_train_step(parts.apply_fn, parts.objective, parts.optimizer, spec, parallel, state).lower(
         state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = xla_flops(compiled) or 0.0
     mem = compiled.memory_analysis()
     compiled_bytes = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from orchestration import plan
+    from orchestration.planning import report as plan_report
     from shortcut import memory
     from shortcut.spec_files import load_spec
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     report = plan.plan(spec, topo, strategy=strategy, mfu=args.mfu, bisect=False, sampling=False,
                                        alternative=False, log=lambda m: None)
-                    plan.write(report, out)
+                    plan_report.write(report, out)
                     cell["report"] = report
                     print(f"{name} {topo.name} {strategy}: {time.perf_counter() - t0:.0f} s", flush=True)
                 rows.append(cell)
@@ -90,7 +91,7 @@ def reusable(path: Path, spec_hash: str) -> bool:
 
 
 def render(rows: list[dict], mfu: float, topologies: dict) -> str:
-    from orchestration.plan import DEVICES
+    from orchestration.planning.devices import DEVICES
     from shortcut.memory import gib
 
     flops_of = {}  # spec -> FLOPs per step of any compiled cell (the program's total does not depend on the slice)

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(e).splitlines()[0] if isinstance(e, SampleFileError) else e}", file=sys.stderr)
         return 2
     print(f"{entry['metric']} = {entry['value']:.4f} ({entry['num_samples']} samples of {args.file})")
-    from shortcut.evaluation.sample_metrics import score_names
+    from shortcut import metrics
 
-    for name in (*score_names(entry["feature_net"]), "class_accuracy"):
-        if name in entry:
+    for name in metrics.plugin(entry["metric"]).scores:
+        if isinstance(entry.get(name), (int, float)):
             print(f"{name} = {entry[name]:.4f}")
     for note in entry.get("score_notes", []) + ([entry["note"]] if entry.get("note") else []):
         print(f"note: {note}")
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate_file(path: str | Path, reference: str, *, weights: str | None = None, verify: bool = True,
                   batch_size: int = 500) -> dict:
     """The evaluation entry (value, scores, provenance) of a sample file against a reference."""
-    from shortcut.evaluate import _Accuracy, _floor_summary, digits_metric, fid_metric
+    from shortcut.evaluate import _Accuracy, _floor_summary
+    from shortcut.evaluation.digits_metric import digits_metric
+    from shortcut.evaluation.fid_metric import fid_metric
     from shortcut.evaluation.inception_weights import sha256_file
     from shortcut.evaluation.reference_stats import ReferenceStats
     from shortcut.evaluation.sample_metrics import compute_sample_metrics

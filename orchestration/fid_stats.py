@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from shortcut import data as data_lib
-    from shortcut.evaluate import default_reference_path
+    from shortcut.evaluation.fid_metric import default_reference_path
     from shortcut.evaluation import InceptionFeatureNet, compute_reference_stats
     from shortcut.evaluation.inception_weights import STANDARD
     from shortcut.evaluation.sample_metrics import PR_MAX_SAMPLES

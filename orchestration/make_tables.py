@@ -37,8 +37,9 @@ from orchestration.reporting import findings as findings_lib
 from orchestration.reporting import results as results_lib
 from orchestration.reporting.figures import budget_ranking, plot_budget, plot_curves, plot_steps, sample_figure
 from orchestration.reporting.report import write_report
-from orchestration.reporting.tables import (SCORES, Table, build_tables, method_name, to_csv, to_latex, to_markdown,
+from orchestration.reporting.tables import (Table, build_tables, method_name, to_csv, to_latex, to_markdown,
                                            values_frame)
+from shortcut import metrics
 
 
 def select_metric(records: list[dict], name: str) -> list[dict]:
@@ -111,7 +112,7 @@ def write_findings(t: Table, records: list[dict], paper: pd.DataFrame, tables_di
                    index: list[str]) -> list[Path]:
     """<stem>_findings.{md,csv}: the paper's pairwise findings checked on this table's runs (findings.py)."""
     findings = findings_lib.paper_findings(paper)
-    if not findings or not findings_lib.lower_is_better(t.metric) or not any(r.per_seed for r in t.rows):
+    if not findings or not metrics.quantity(t.metric).findings or not any(r.per_seed for r in t.rows):
         return []
     checks = findings_lib.check(findings, t.rows, method_name)
     md = findings_lib.to_markdown(checks, t.dataset, t.ours_tag, method_name,
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-smoke", action="store_true", help="also use --smoke runs (mock data)")
     p.add_argument("--out", help="where tables/ and figures/ go (default: the results folder)")
     p.add_argument("--metric", help=f"tables of this metric only: a run's metric (fid, fd_digits) or a score "
-                                    f"recorded beside it ({', '.join(SCORES)})")
+                                    f"recorded beside it ({', '.join(metrics.score_names())})")
     args = p.parse_args(argv)
     root = Path(args.results_dir) if args.results_dir else results_lib.default_results_dir()
     for path in args.export or []:
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         records, paper = select_metric(records, args.metric), paper[paper["metric"] == args.metric]
         if not any(r["evaluation"] for r in records):
             print(f"error: --metric {args.metric}: no run records it (a run's metric, e.g. fid or fd_digits, or one "
-                  f"of {', '.join(SCORES)})", file=sys.stderr)
+                  f"of {', '.join(metrics.score_names())})", file=sys.stderr)
             return 2
     written = make_all(records, paper, Path(args.out) if args.out else root,
                        results_lib.load_exports(args.budget) if args.budget else None)

@@ -17,16 +17,26 @@ import jax.numpy as jnp
 SOURCE = "XLA cost analysis of the compiled program"
 
 
-def program_flops(jitted, *args, **kwargs) -> float | None:
-    """FLOPs of one call of a jit-compiled function with these arguments (lowered and compiled, not run;
-    JAX reuses the compilation for the call). None when the backend gives no cost analysis."""
+def xla_flops(stage) -> float | None:
+    """FLOPs of a lowered or compiled program (jax's `Lowered` / `Compiled`) from XLA's cost analysis; None
+    when the backend gives none."""
     try:
-        cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+        cost = stage.cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without cost analysis: compute is then unknown, not wrong
         return None
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = (cost or {}).get("flops")
     return float(flops) if flops is not None and flops >= 0 else None
+
+
+def program_flops(jitted, *args, **kwargs) -> float | None:
+    """FLOPs of one call of a jit-compiled function with these arguments (lowered and compiled, not run;
+    JAX reuses the compilation for the call). None when the backend gives no cost analysis."""
+    try:
+        compiled = jitted.lower(*args, **kwargs).compile()
+    except Exception:  # noqa: BLE001 - a backend that cannot compile it here: compute is unknown, not wrong
+        return None
+    return xla_flops(compiled)
 
 
 def forward_flops_per_sample(apply_fn, params, input_shape: tuple[int, ...], batch_size: int = 64) -> float | None:

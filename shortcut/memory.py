@@ -15,7 +15,6 @@ lets through may still run out of memory, but one it stops could never have fitt
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -43,9 +42,8 @@ def abstract_teacher_params(parts) -> Any:
     x = jax.ShapeDtypeStruct((1, *tspec.input_shape), np.float32)
     one = jax.ShapeDtypeStruct((1,), np.float32)
     labels = jax.ShapeDtypeStruct((1,), np.int32)
-    with _traced_pos_embed():
-        return jax.eval_shape(lambda x, t, d, y: model.init(jax.random.PRNGKey(0), x, t, d, y)["params"],
-                              x, one, one, labels)
+    return jax.eval_shape(lambda x, t, d, y: model.init(jax.random.PRNGKey(0), x, t, d, y)["params"],
+                          x, one, one, labels)
 
 
 def abstract_state(spec: Spec, *, parts=None):
@@ -56,25 +54,9 @@ def abstract_state(spec: Spec, *, parts=None):
     from shortcut.train import init_state
 
     parts = parts if parts is not None else assembly.build(spec)
-    with _traced_pos_embed():
-        teacher = abstract_teacher_params(parts)
-        return jax.eval_shape(lambda tp: init_state(spec, parts.model, parts.optimizer, parts.objective,
-                                                    teacher_params=tp), teacher)
-
-
-@contextlib.contextmanager
-def _traced_pos_embed():
-    """The DiT's positional-embedding constant computed by jax (traced, so never allocated) while shapes are
-    taken: the standard DiT computes it with numpy at trace time, [tokens, hidden] float64, which alone would
-    exhaust the host for the very widths this check exists to stop. Same shape and dtype either way."""
-    from shortcut import model as model_lib
-
-    original = model_lib.get_2d_sincos_pos_embed
-    model_lib.get_2d_sincos_pos_embed = lambda dim, gh, gw, in_float32=False: original(dim, gh, gw, in_float32=True)
-    try:
-        yield
-    finally:
-        model_lib.get_2d_sincos_pos_embed = original
+    teacher = abstract_teacher_params(parts)
+    return jax.eval_shape(lambda tp: init_state(spec, parts.model, parts.optimizer, parts.objective,
+                                                teacher_params=tp), teacher)
 
 
 def abstract_batch(spec: Spec, batch_size: int | None = None, objective=None) -> dict:

@@ -360,8 +360,10 @@ class DiT(nn.Module):
             raise ValueError(f"image size {hgt}x{wid} not divisible by patch size {p}")
         gh, gw = hgt // p, wid // p
 
-        # Constant, not a parameter: computed from static shapes at trace time.
-        pos = get_2d_sincos_pos_embed(self.hidden_size, gh, gw, in_float32=official)
+        # Constant, not a parameter: computed from static shapes at trace time. `init` needs only its shape
+        # (no parameter depends on its values), so there it is computed by jax, traced: nothing is allocated
+        # however wide the model (shortcut/memory.py takes the state's shapes with jax.eval_shape of init).
+        pos = get_2d_sincos_pos_embed(self.hidden_size, gh, gw, in_float32=official or self.is_initializing())
         self.sow("intermediates", "pos_embed", pos)
         h = PatchEmbed(self.hidden_size, p, dtype=self.dtype, name="x_embedder")(x)
         if official:  # the residual stream in the compute dtype from here on

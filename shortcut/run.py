@@ -23,7 +23,8 @@ from shortcut import teacher as teacher_lib
 from shortcut import record as record_lib
 from shortcut.checkpoint import remove_partial_saves
 from shortcut.errors import ShortcutError
-from shortcut.evaluate import evaluate, load_metric, smoke_metric
+from shortcut.evaluate import evaluate
+from shortcut.metrics import load_metric
 from shortcut.record import RunDir, Status, last_evaluation
 from shortcut.run_lock import RunLock
 from shortcut.sharding import Parallel
@@ -168,7 +169,7 @@ def _run(parts: assembly.Parts, rundir: RunDir, eval_only: bool, record: dict, l
     t0 = time.perf_counter()
     spec = parts.spec
     # fail before training if weights or statistics are missing
-    metric = smoke_metric(spec) if spec.smoke else load_metric(spec)
+    metric = load_metric(spec)
     if spec.smoke:
         record["evaluation_note"] = (metric.note if metric else
                                      "--smoke: mock data has no reference statistics, so no metric")

@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 
-from shortcut import methods
+from shortcut import methods, metrics
 from shortcut.errors import InputError, KeyedValueError, first_error
 
 HASHED_SECTIONS = ("seed", "data", "model", "method", "optimizer", "train")
@@ -194,7 +194,8 @@ class EvalSpec(_Section):
     grid_size: int = Field(default=64, ge=1, description="samples shown in each PNG grid")
     save_samples: bool = Field(default=False, description="also write each setting's evaluation samples to "
                                "samples/steps_<N>.npz (arr_0 uint8 [N, H, W, 3], arr_1 labels: the ADM layout)")
-    metric: Literal["none", "fd_digits", "fid"] = "none"
+    metric: str = Field(default="none", description="a registered metric (shortcut/metrics.py: fd_digits, fid, "
+                        "...) or none")
     every: int | None = Field(default=None, ge=1, description="also evaluate every N training steps")
     curve_every: int | None = Field(default=None, ge=1, description="every N training steps, a cheap evaluation at "
                                     "`curve_steps` (no grids): the run's convergence curve, in run.json's `curve`")
@@ -205,6 +206,11 @@ class EvalSpec(_Section):
     inception_weights: str | None = Field(default=None, description="fid: weights file (default: standard lookup)")
     verify_inception: bool = Field(default=True, description="require the standard FID weights' sha256; false "
                                    "only for pipeline tests with other weights (the record says so)")
+
+    @field_validator("metric")
+    @classmethod
+    def _registered_metric(cls, name: str) -> str:
+        return metrics.check_name(name)
 
     @field_validator("cfg_scale", mode="before")
     @classmethod
@@ -361,8 +367,8 @@ class Spec(_Section):
         size = self.input_shape[0]
         if size % self.model.patch_size:
             raise KeyedValueError("model.patch_size", f"must divide the model input size {size}")
-        if self.eval.metric == "fd_digits" and self.input_shape != (8, 8, 1):
-            raise KeyedValueError("eval.metric", f"fd_digits needs 8x8x1 digits images, the model sees {self.input_shape}")
+        if self.eval.metric != metrics.NONE:
+            metrics.plugin(self.eval.metric).check(self)
         if self.train.batch_size < 2:
             raise KeyedValueError("train.batch_size", "must be at least 2")
         if self.teacher_overrides and self.teacher is None:

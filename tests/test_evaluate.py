@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from orchestration import fid_stats
-from shortcut.evaluate import EvaluationSetupError, load_metric
+from shortcut.metrics import EvaluationSetupError, load_metric
 from shortcut.evaluation import InceptionWeightsError
 from shortcut.evaluation.inception import random_inception_variables
 from shortcut.evaluation.inception_weights import save_variables_npz

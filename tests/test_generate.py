@@ -51,7 +51,7 @@ def test_sample_file_scores_as_inside_the_run(digits_run, tmp_path):
 
 def test_evaluate_samples_is_the_run_metric_on_the_same_images(digits_run, tmp_path, capsys):
     """The same code path exactly: scoring the file's images inside the evaluation gives the file's score."""
-    from shortcut.evaluate import digits_metric
+    from shortcut.evaluation.digits_metric import digits_metric
     from shortcut.evaluation.sample_metrics import compute_sample_metrics
 
     _, _, record = digits_run

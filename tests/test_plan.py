@@ -185,7 +185,7 @@ def test_topologies_parse_and_a_missing_libtpu_says_how_to_install():
 
 
 def test_largest_batch_bisects():
-    from orchestration.plan import largest_batch
+    from orchestration.planning.compile import largest_batch
 
     calls = []
 
@@ -215,7 +215,7 @@ def test_plan_celeba_ditb_for_a_tpu_v3_8(tmp_path):
 
 
 def test_libtpus_out_of_memory_messages_parse():
-    from orchestration.plan import _oom_bytes
+    from orchestration.planning.compile import _oom_bytes
 
     temps = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                          "temporaries (15.50G) exceeds available HBM (15.48G).")

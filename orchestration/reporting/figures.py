@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.reporting.tables import (HIGHER_IS_BETTER, METRIC_NAMES, MISSING, Table, mean_curve, method_name,
-                                           sort_key)
+from orchestration.reporting.tables import MISSING, Table, mean_curve, method_name, sort_key
+from shortcut import metrics
 
 
 def plot_steps(t: Table, path: Path) -> Path | None:
@@ -48,8 +48,8 @@ def plot_steps(t: Table, path: Path) -> Path | None:
     ax.set_xticklabels([str(n) for n in t.steps])
     ax.minorticks_off()
     ax.set_xlabel("sampling steps (log2 scale)")
-    ax.set_ylabel(METRIC_NAMES.get(t.metric, t.metric))
-    better = "higher" if t.metric in HIGHER_IS_BETTER else "lower"
+    ax.set_ylabel(metrics.quantity(t.metric).display)
+    better = "lower" if metrics.quantity(t.metric).lower_is_better else "higher"
     ax.set_title(f"{t.dataset}: {t.ours_tag} vs number of sampling steps ({better} is better)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)

@@ -47,11 +47,6 @@ PAPER_DATASET, PAPER_ARCH, PAPER_METRIC = "celebahq256", "DiT-B/2", "fid"
 REFERENCE = "shortcut"
 
 
-def lower_is_better(metric: str) -> bool:
-    """The metrics findings are checked on: Frechet distances (FID, fd_digits, fd_*)."""
-    return metric == "fid" or metric.startswith("fd_")
-
-
 @dataclasses.dataclass(frozen=True)
 class PaperFinding:
     method: str  # the method shortcut models are compared with

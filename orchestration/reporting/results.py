@@ -283,7 +283,7 @@ def fill_missing_floors(records: list[dict]) -> int:
     """Give fd_digits entries recorded before noise floors existed the floor of their reference (named in
     the entry, e.g. "sklearn_digits/all (1797 images)") at their sample count, measured now the way a run
     measures it and marked as measured later. Returns how many entries it filled."""
-    from shortcut.evaluate import digits_metric
+    from shortcut.evaluation.digits_metric import digits_metric
 
     metrics: dict[str, object] = {}
     filled = 0

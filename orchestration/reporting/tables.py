@@ -11,31 +11,9 @@ import pandas as pd
 
 from orchestration.reporting import findings as findings_lib
 from orchestration.reporting import reference_variance
-from shortcut import methods
+from shortcut import methods, metrics
 
 MISSING = "-"
-METRIC_NAMES = {"fid": "FID"}  # every other metric is shown under its own name (e.g. fd_digits)
-# scores recorded beside the Frechet distance in each evaluation entry (shortcut/evaluation/sample_metrics.py),
-# shown with `make_tables --metric NAME`
-SCORES = ("inception_score", "precision", "recall", "is_digits", "precision_digits", "recall_digits",
-          "class_accuracy", "fd_digits_train", "memorisation")
-HIGHER_IS_BETTER = frozenset(SCORES) - {"fd_digits_train", "memorisation"}
-METRIC_DESCRIPTIONS = {
-    "fid": "FID: Frechet distance of Inception-v3 pool3 features to the dataset's reference statistics",
-    "fd_digits": "fd_digits: Frechet distance in the hidden features of the project's small digits classifier, "
-                 "to the statistics of the reference named below (offline stand-in; not FID, not comparable to FID)",
-    "fd_digits_train": "fd_digits_train: fd_digits against the training split's statistics (rewards memorisation)",
-    "inception_score": "inception_score: Inception Score (mean over 10 splits) on the FID Inception's logits "
-                       "(its 1008-way layer, no bias), from the same pass as FID",
-    "precision": "precision: improved precision (Kynkaanniemi et al. 2019, k = 3) on Inception pool3 features, "
-                 "against the reference set stored with the FID statistics",
-    "recall": "recall: improved recall (Kynkaanniemi et al. 2019, k = 3) on Inception pool3 features",
-    "is_digits": "is_digits: the Inception Score's formula on the digits classifier's 10 logits (not IS)",
-    "precision_digits": "precision_digits: improved precision (k = 3) in the digits classifier's features, "
-                        "against all 1,797 digits",
-    "recall_digits": "recall_digits: improved recall (k = 3) in the digits classifier's features",
-    "class_accuracy": "class_accuracy: the digits classifier's accuracy on the samples' intended classes",
-}
 
 
 def method_name(method: str) -> str:
@@ -52,7 +30,7 @@ def samples_tag(counts) -> str:
 
 def metric_tag(metric: str, counts) -> str:
     """`FID-50k`, `fd_digits-2k`: the metric's name and its sample count(s)."""
-    name = METRIC_NAMES.get(metric, metric)
+    name = metrics.quantity(metric).display
     return f"{name}-{samples_tag(counts)}" if len(counts) else name
 
 
@@ -389,7 +367,7 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
     ordered = sorted(rows.values(), key=lambda r: sort_key(r.method, r.arch, r.label))
     params = sorted({{"ema": "EMA"}.get(str(e.get("params", "ema")), str(e.get("params"))) for r in records
                      if r["dataset"] == ds for e in r.get("evaluation") or [] if e.get("metric") == metric})
-    notes = [METRIC_DESCRIPTIONS.get(metric, f"{metric}: as recorded by the evaluation") + ".",
+    notes = [metrics.quantity(metric).description + ".",
              f"Ours: {' / '.join(params) or 'EMA'} parameters at the last evaluated training step; mean ± std over "
              "seeds where a row has several (sample std); '-' = no value."]
     references = sorted({str(e["reference"]) for r in records if r["dataset"] == ds

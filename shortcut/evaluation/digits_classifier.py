@@ -132,6 +132,7 @@ class DigitsFeatureNet:
     """The digits classifier: ``features`` (penultimate layer, [N, 64]) and ``logits``."""
 
     name = "fd_digits"
+    score_names = ("is_digits", "precision_digits", "recall_digits")  # sample_metrics.py: IS, precision, recall
 
     def __init__(self, params: dict, sha256: str, info: dict[str, Any] | None = None):
         self.params = params

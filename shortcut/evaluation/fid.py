@@ -38,6 +38,7 @@ class InceptionFeatureNet:
 
     name = "inception-v3-fid-2015-12-05-pool3"
     dim = POOL3_DIM
+    score_names = ("inception_score", "precision", "recall")  # sample_metrics.py: IS, precision, recall
 
     def __init__(self, variables: dict, sha256: str, *, weights_path: Path | None = None,
                  devices: Sequence[jax.Device] | None = None, image_size: int = FID_IMAGE_SIZE,

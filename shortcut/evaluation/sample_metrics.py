@@ -5,9 +5,10 @@
 The same function scores a run's samples (shortcut/evaluate.py) and a sample file
 (orchestration/evaluate_samples.py), so both give the same numbers for the same images.
 
-Names: with the FID Inception the scores are `inception_score`, `precision`, `recall`; with the
-digits classifier (`fd_digits`) they are `is_digits`, `precision_digits`, `recall_digits`: the same
-definitions in that classifier's logits and features, not comparable to the Inception ones.
+Names: each feature network names its scores (`score_names`: IS, precision, recall): with the FID Inception
+`inception_score`, `precision`, `recall`; with the digits classifier (`fd_digits`) `is_digits`,
+`precision_digits`, `recall_digits`: the same definitions in that classifier's logits and features, not
+comparable to the Inception ones.
 """
 
 from __future__ import annotations
@@ -26,13 +27,6 @@ from shortcut.evaluation.reference_stats import ReferenceStats
 from shortcut.evaluation.streaming import BatchesFn, compute_stats
 
 PR_MAX_SAMPLES = 10_000  # generated features kept for precision/recall (the ADM suite's reference size)
-_NAMES = {"fd_digits": ("is_digits", "precision_digits", "recall_digits")}
-_INCEPTION_NAMES = ("inception_score", "precision", "recall")
-
-
-def score_names(feature_net: str) -> tuple[str, str, str]:
-    """(IS, precision, recall) names of the scores made with a feature network."""
-    return _NAMES.get(feature_net, _INCEPTION_NAMES)
 
 
 class SampleStats:
@@ -93,7 +87,8 @@ def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: 
                            progress: bool | None = None, extra_references: dict | None = None,
                            desc: str | None = None) -> MetricResult:
     """Score `num_samples` images (``batches_fn(start, n)`` in [-1, 1], NHWC) with `net` (an object
-    with ``outputs(images) -> (features, logits or None)``, ``name``, ``sha256``) against `reference`.
+    with ``outputs(images) -> (features, logits or None)``, ``name``, ``sha256``, ``score_names``) against
+    `reference`.
 
     Returns the Frechet distance as the value and the other scores as the record: {IS name: mean,
     IS name + "_std", IS name + "_splits", precision and recall names, "precision_recall_k",
@@ -108,7 +103,7 @@ def compute_sample_metrics(batches_fn: BatchesFn, num_samples: int, batch_size: 
         batches_fn, net.outputs, num_samples, batch_size, checkpoint_path,
         fingerprint=f"{net.name}:{net.sha256}:{fingerprint}:scores-v1", progress=progress, desc=desc or f"{net.name} features",
         new_stats=lambda output: SampleStats.for_output(output, num_samples), load_stats=SampleStats.from_state_dict)
-    is_name, p_name, r_name = score_names(net.name)
+    is_name, p_name, r_name = net.score_names
     out: dict[str, Any] = {}
     notes = []
     if stats.inception is not None:
