@@ -92,7 +92,9 @@ def init_distributed(d: Distributed) -> None:
 
     with contextlib.suppress(Exception):  # only matters on CPU; the option may be absent elsewhere
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+    # the coordinator listens on its node's address (127.0.0.1 on a local instance), not on every interface
+    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id,
+                               coordinator_bind_address=d.coordinator)
 
 
 def enable_compilation_cache(workdir: str) -> None:
