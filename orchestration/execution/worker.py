@@ -140,6 +140,8 @@ def _execute(spec: Spec, *, workdir: str, eval_only: bool, tracking: Tracking,
 
     enable_compilation_cache(workdir)
     from orchestration.tracking.tracker import make_tracker
+    from shortcut import disk
+    from shortcut.record import run_dir
     from shortcut.run import run
 
     lead = jax.process_index() == 0  # one process records, tracks and exports
@@ -148,6 +150,10 @@ def _execute(spec: Spec, *, workdir: str, eval_only: bool, tracking: Tracking,
     listeners = Hooks(tracker, *hooks)
     try:
         record = run(spec, workdir=workdir, eval_only=eval_only, tracker=listeners, on_locked=on_locked)
+    except BaseException as e:  # a full disk, wherever it struck, is one line (shortcut/disk.py)
+        if (no_space := disk.full(e, run_dir(spec, workdir))) is not None:
+            raise no_space from None
+        raise
     finally:
         listeners.close()
     result = outcome(record, tracked=tracker is not None and tracking.enabled)
