@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import threading
@@ -54,6 +55,19 @@ def is_full(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+class _DropFullDiskReports(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_full(record.exc_info[1]))
+
+
+def quiet_full_disk_reports() -> None:
+    """Orbax logs a background save that failed with its traceback (absl, ERROR); a full disk is reported
+    once, in DiskFull's line, so drop those log records (only those of a full disk)."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropFullDiskReports) for f in logger.filters):
+        logger.addFilter(_DropFullDiskReports())
 
 
 def size(path: str | Path) -> int:

@@ -88,15 +88,21 @@ AGAIN = ("interrupted again: stopped without waiting for the run to finish its c
 
 def end_quietly_on_another_interrupt() -> None:
     """After a first Ctrl-C or SIGTERM: another one ends this driver at once with the one line AGAIN, not
-    with a traceback from wherever it lands (waiting for the runs to stop, Ray's atexit shutdown). Ray's
-    own processes go with the driver that started them; checkpoints are written atomically, so what a
-    cut-short save leaves is never taken for a checkpoint."""
+    with a traceback from wherever it lands (waiting for the runs to stop, Ray's atexit shutdown). The
+    processes it started (a local Ray instance's) are killed with it, not left to notice; checkpoints are
+    written atomically, so what a cut-short save leaves is never taken for a checkpoint."""
     import signal
     import threading
 
     def end(*_):
         os.write(2, f"\n{AGAIN}\n".encode())
-        os._exit(130)
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        finally:
+            os._exit(130)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, end)

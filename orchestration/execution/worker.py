@@ -148,6 +148,7 @@ def _execute(spec: Spec, *, workdir: str, eval_only: bool, tracking: Tracking,
     tracker = make_tracker(workdir=workdir, tracking_uri=tracking.uri, enabled=tracking.enabled and lead,
                            keep_server=tracking.keep_server, tags=dict(tracking.tags)) if lead else None
     listeners = Hooks(tracker, *hooks)
+    disk.quiet_full_disk_reports()
     try:
         record = run(spec, workdir=workdir, eval_only=eval_only, tracker=listeners, on_locked=on_locked)
     except BaseException as e:  # a full disk, wherever it struck, is one line (shortcut/disk.py)
