@@ -115,5 +115,7 @@ def test_ten_smoke_runs_through_ray_leave_no_server_behind_under_load(tmp_path):
             assert done.returncode == 0, done.stderr[-3000:]
             gone.append(_gone_after(workdir / "mlflow", time.time()))
             logged.append(_check_logged_stop(workdir / "mlflow"))
+            print(f"smoke run {i + 1}: server gone {gone[-1]:.1f} s after the driver exited, "
+                  f"{logged[-1]:.1f} s after its last lease ended (supervisor's log)", flush=True)
     print(f"under 2 CPU burners, 10 smoke runs: server gone {', '.join(f'{g:.1f}' for g in gone)} s after the "
           f"driver exited; supervisor's log (last lease -> exit): {', '.join(f'{d:.1f}' for d in logged)} s")
