@@ -63,11 +63,12 @@ class _DropFullDiskReports(logging.Filter):
 
 
 def quiet_full_disk_reports() -> None:
-    """Orbax logs a background save that failed with its traceback (absl, ERROR); a full disk is reported
-    once, in DiskFull's line, so drop those log records (only those of a full disk)."""
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropFullDiskReports) for f in logger.filters):
-        logger.addFilter(_DropFullDiskReports())
+    """Orbax logs a background save that failed with its traceback (absl, ERROR), and asyncio each of its
+    write tasks' errors ("Task exception was never retrieved"); a full disk is reported once, in DiskFull's
+    line, so drop those log records (only those of a full disk)."""
+    for logger in map(logging.getLogger, ("absl", "asyncio")):
+        if not any(isinstance(f, _DropFullDiskReports) for f in logger.filters):
+            logger.addFilter(_DropFullDiskReports())
 
 
 def size(path: str | Path) -> int:
