@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        from orchestration.execution.cluster import end_quietly_on_another_interrupt
+
+        end_quietly_on_another_interrupt()  # e.g. while Ray shuts down at exit
         print("interrupted; the last checkpoint is kept and a rerun resumes from it", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`--print | head`): stop quietly

@@ -173,11 +173,14 @@ def run_sweep(spec: Spec, *, workdir: Path, launch_kwargs: dict, resume: bool = 
               num_samples: int | None = None, max_concurrent: int | None = None, address: str | None = None,
               cpus: int | None = None, results_dir: Path) -> dict:
     """Run (or with resume, continue) the sweep; returns the best trial's config and metrics."""
+    from orchestration.execution import cluster
+
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        cluster.local_only()  # before ray is imported
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from orchestration.execution import cluster
     from orchestration.tracking.parent import client_for
 
     sweep_dir = workdir / "sweeps" / spec.name

@@ -14,11 +14,11 @@ import enum
 import json
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
 
+from shortcut.disk import write_atomic
 
 
 class Status(enum.StrEnum):
@@ -114,13 +114,9 @@ def jsonable(obj):
 
 
 def write_json(path: str | Path, content: dict, indent: int | None = 2) -> None:
-    """Atomic write of a JSON file (its folder made if needed): a reader never sees it half written, and
+    """Atomic, durable write of a JSON file (shortcut/disk.py): a reader never sees it half written, and
     writers in other processes or threads never share a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(content, indent=indent, default=jsonable) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(content, indent=indent, default=jsonable) + "\n")
 
 
 def read(rundir: str | Path) -> dict | None:

@@ -18,7 +18,7 @@ import jax
 from clu import parameter_overview
 
 from shortcut import data as data_lib
-from shortcut import assembly, compute
+from shortcut import assembly, compute, disk
 from shortcut import teacher as teacher_lib
 from shortcut import record as record_lib
 from shortcut.checkpoint import remove_partial_saves
@@ -143,7 +143,13 @@ def run(spec: Spec, *, workdir: str | Path | None = None, eval_only: bool = Fals
     finally:
         try:
             record["finished"] = record_lib.now()
-            rundir.write(record)
+            try:
+                rundir.write(record)
+            except OSError as e:
+                # a full disk as the run ends on an error: the last record written stays as it was (writes
+                # are atomic) and the error that ended the run is the one reported
+                if not disk.is_full(e) or record["status"] == "finished":
+                    raise
             if tracker is not None:
                 tracker.end(record)
         finally:

@@ -1,7 +1,7 @@
 """Ray as the engine: join or start Ray, map a spec's resources to Ray, launch runs on workers.
 
 * `connect(address)`: no address (and no $RAY_ADDRESS) starts a local Ray instance sized to this
-  machine; a GCS address (`host:6379`, `auto`, `ray://host:10001`) joins that cluster as a driver.
+  machine, every port of it on 127.0.0.1 (`local_only`); a GCS address (`host:6379`, `auto`, `ray://host:10001`) joins that cluster as a driver.
   (A dashboard URL, `http://host:8265`, means "submit a job" and is handled by orchestration/execution/jobs.py;
   inside that job Ray sets $RAY_ADDRESS to the GCS address, so the job's driver joins here.)
 * `worker_options(resources)`: Ray options of one worker. CPU-only workers run JAX on the CPU with
@@ -35,20 +35,41 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, runtime_
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a local instance; returns the
     cluster's resources. `runtime_env` applies to every worker of this driver. A second call in the same
     process reuses the connection (and ignores the arguments)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        local_only()  # before ray is imported
     import ray
 
     from shortcut.quiet import quiet_ray
 
     quiet_ray()
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
                      log_to_driver=True, logging_level="WARNING")
+            if (node := ray.util.get_node_ip_address()) != LOOPBACK:
+                ray.shutdown()
+                raise RuntimeError(f"the local Ray instance took the address {node}, not {LOOPBACK}: ray was "
+                                   "imported before cluster.local_only() ran")
         _interrupt_on_sigterm()
     return ray.cluster_resources()
+
+
+LOOPBACK = "127.0.0.1"
+# Ray reads this variable when it is imported. On Linux Ray gives a local node the machine's network
+# address, and its servers (GCS, raylet, object manager, workers, dashboard and runtime-env agents,
+# metrics) listen on every interface or on that address: anyone on the network could submit work. With
+# "0", Ray does what it does on macOS and Windows: the node address is 127.0.0.1, and every one of those
+# servers binds 127.0.0.1 (Ray binds its gRPC servers to loopback exactly when the node address is it).
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_only() -> None:
+    """Make the local Ray instance this process starts listen on 127.0.0.1 only; call it before the
+    first `import ray` of a driver that starts one (connect does). Its workers inherit it."""
+    os.environ[_LOCAL_ONLY_ENV] = "0"
 
 
 def _interrupt_on_sigterm() -> None:
@@ -59,6 +80,33 @@ def _interrupt_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+AGAIN = ("interrupted again: stopped without waiting for the run to finish its checkpoint; the last complete "
+         "checkpoint is kept, and the same command resumes from it")
+
+
+def end_quietly_on_another_interrupt() -> None:
+    """After a first Ctrl-C or SIGTERM: another one ends this driver at once with the one line AGAIN, not
+    with a traceback from wherever it lands (waiting for the runs to stop, Ray's atexit shutdown). The
+    processes it started (a local Ray instance's) are killed with it, not left to notice; checkpoints are
+    written atomically, so what a cut-short save leaves is never taken for a checkpoint."""
+    import signal
+    import threading
+
+    def end(*_):
+        os.write(2, f"\n{AGAIN}\n".encode())
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        finally:
+            os._exit(130)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, end)
+        signal.signal(signal.SIGTERM, end)
 
 
 # XLA on the CPU allocates each execution's temporaries as one buffer (tens of MB for the digits train
@@ -125,10 +173,11 @@ class _HostWorker:
     def coordinator_address(self) -> str:
         import ray
 
+        node = ray.util.get_node_ip_address()  # JAX's coordinator binds it (worker.init_distributed)
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((node, 0))
             port = s.getsockname()[1]
-        return f"{ray.util.get_node_ip_address()}:{port}"
+        return f"{node}:{port}"
 
     def execute(self, spec: Spec, **kwargs) -> dict:
         from orchestration.execution.worker import execute
@@ -190,9 +239,11 @@ _PENDING: dict = {}  # keeps multi-host actors and their placement group alive u
 
 def cancel(refs: list, timeout: float = 120.0) -> None:
     """Stop running launches: KeyboardInterrupt inside each (the run checkpoints and records that it was
-    interrupted); waits up to `timeout` seconds for them to end."""
+    interrupted); waits up to `timeout` seconds for them to end. A further interrupt ends the driver at
+    once (end_quietly_on_another_interrupt)."""
     import ray
 
+    end_quietly_on_another_interrupt()
     for ref in refs:
         ray.cancel(ref)
     ray.wait(refs, num_returns=len(refs), timeout=timeout)

@@ -92,7 +92,9 @@ def init_distributed(d: Distributed) -> None:
 
     with contextlib.suppress(Exception):  # only matters on CPU; the option may be absent elsewhere
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+    # the coordinator listens on its node's address (127.0.0.1 on a local instance), not on every interface
+    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id,
+                               coordinator_bind_address=d.coordinator)
 
 
 def enable_compilation_cache(workdir: str) -> None:
@@ -138,14 +140,21 @@ def _execute(spec: Spec, *, workdir: str, eval_only: bool, tracking: Tracking,
 
     enable_compilation_cache(workdir)
     from orchestration.tracking.tracker import make_tracker
+    from shortcut import disk
+    from shortcut.record import run_dir
     from shortcut.run import run
 
     lead = jax.process_index() == 0  # one process records, tracks and exports
     tracker = make_tracker(workdir=workdir, tracking_uri=tracking.uri, enabled=tracking.enabled and lead,
                            keep_server=tracking.keep_server, tags=dict(tracking.tags)) if lead else None
     listeners = Hooks(tracker, *hooks)
+    disk.quiet_full_disk_reports()
     try:
         record = run(spec, workdir=workdir, eval_only=eval_only, tracker=listeners, on_locked=on_locked)
+    except BaseException as e:  # a full disk, wherever it struck, is one line (shortcut/disk.py)
+        if (no_space := disk.full(e, run_dir(spec, workdir))) is not None:
+            raise no_space from None
+        raise
     finally:
         listeners.close()
     result = outcome(record, tracked=tracker is not None and tracking.enabled)

@@ -24,7 +24,8 @@ and how to sync later (``shortcut_tracking sync RUN_DIR``).
 
 The local server (used unless ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` names one)
     ``<workdir>/mlflow/`` holds ``mlflow.db`` (SQLite), ``artifacts/``, ``server.json`` (URI, port, pid),
-    ``server.log``, ``leases/`` and a lock file. The first run that needs it starts ``mlflow server`` on
+    ``server.log``, ``leases/``, ``stops.jsonl`` (each stop: why, when the last lease ended, when the
+    server exited) and a lock file. The first run that needs it starts ``mlflow server`` on
     127.0.0.1 on a free port, under a small supervisor process; later and parallel runs reuse it (the
     lock makes start-or-reuse atomic, so parallel runs never start two). Each process using the
     server holds a lease: a file in ``leases/`` it keeps flock-ed, so the kernel ends the lease when the

@@ -399,6 +399,8 @@ def supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
     me = os.getpid()
+    stop = {"supervisor": me, "port": port, "idle_timeout_s": idle_timeout, "last_lease_ended": None}
+    child = None
     try:
         inode = state_dir.stat().st_ino
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -410,28 +412,52 @@ def supervise(state_dir: Path, port: int, idle_timeout: float) -> int:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, preexec_fn=lambda: _die_with(me))
         record_lib.write_json(state_dir / "supervisor.json", {"pid": me, "server_pid": child.pid, "port": port})
         idle_since = None
+        stop["reason"] = "server exited"
         while not stopping and child.poll() is None:
             time.sleep(1.0)
             if not _same_dir(state_dir, inode):
                 print(f"tracking supervisor: {state_dir} was deleted; stopping", flush=True)
+                stop["reason"] = "store deleted"
                 break
             if _in_use(state_dir):
-                idle_since = None
+                idle_since = stop["last_lease_ended"] = None
             elif idle_since is None:
-                idle_since = time.monotonic()
+                idle_since, stop["last_lease_ended"] = time.monotonic(), time.time()
             elif time.monotonic() - idle_since > idle_timeout and _withdraw_if_idle(state_dir, me):
                 print(f"tracking supervisor: no run has used the server for {idle_timeout:.0f}s; stopping",
                       flush=True)
+                stop["reason"] = "idle"
                 break
+        if stopping:
+            stop["reason"] = stopping[0]
     finally:
-        _stop_own_group(state_dir, me)
+        stop["stop_started"] = time.time()
+        _stop_own_group(state_dir, me, stop, wrapper=child.pid if child else None)
     return 0
 
 
-def _stop_own_group(state_dir: Path, me: int) -> None:
+STOPS_FILE = "stops.jsonl"  # beside server.json: one line per stopped server, see _log_stop
+
+
+def _log_stop(state_dir: Path, stop: dict) -> None:
+    """Append one line to STOPS_FILE: why the server stopped, when the supervisor saw its last lease end
+    (None: a lease was still held), when it began to stop and when the server's processes were gone
+    (`server_exited`, or `killed` when they needed SIGKILL). Wall-clock seconds; the gaps tell a slow
+    stop from a missed one."""
+    with contextlib.suppress(OSError):
+        with open(state_dir / STOPS_FILE, "a") as f:
+            f.write(json.dumps(stop) + "\n")
+
+
+def _stop_own_group(state_dir: Path, me: int, stop: dict, wrapper: int | None = None) -> None:
     """Stop every process of this supervisor's group (the mlflow CLI, uvicorn, whatever they forked):
     SIGTERM to the group, up to STOP_GRACE_S for them to exit, then SIGKILL to the group, which ends this
-    process too. killpg reaches every member at once, a child forked a moment ago included."""
+    process too. killpg reaches every member at once, a child forked a moment ago included.
+
+    The `mlflow server` CLI (`wrapper`) only forwards the signal to uvicorn and waits for it; once uvicorn
+    is gone the CLI spends seconds more tearing its interpreter down (a busy process, longer on a loaded
+    machine), which made every stop wait out the whole grace and end in SIGKILL. So the grace waits for
+    the processes that serve, not for the wrapper; SIGKILL then ends the group at once."""
     group = os.getpgid(0)
 
     def others() -> list[int]:
@@ -444,12 +470,15 @@ def _stop_own_group(state_dir: Path, me: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(group, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while others() and time.monotonic() < deadline:
+    while (serving := [p for p in others() if p != wrapper]) and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(OSError, ValueError, AttributeError):
         if json.loads((state_dir / "server.json").read_text()).get("pid") == me:
             (state_dir / "server.json").unlink()
-    if others():
+    _log_stop(state_dir, {**stop, "killed" if serving else "server_exited": time.time()})
+    if not others():
+        return
+    if serving:
         print(f"tracking supervisor: the server did not stop within {STOP_GRACE_S:.0f}s; killing it", flush=True)
-        sys.stdout.flush()
-        os.killpg(group, signal.SIGKILL)
+    sys.stdout.flush()
+    os.killpg(group, signal.SIGKILL)
