@@ -69,12 +69,6 @@ class Checkpointer:
         teacher's, whose objective's `aux` the reader does not have)."""
         return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
-    def resume(self, like: Any, *, log: Callable[[str], None] = print,
-               set_aside: bool = False) -> tuple[int, tuple[Any, bytes]] | None:
-        """`(step, (state, data iterator bytes))` of the newest readable step, the state with the structure and
-        shardings of `like`; None when there is no checkpoint (`restore_latest` says what is skipped)."""
-        return self.restore_latest(lambda step: self.restore(step, like), log=log, set_aside=set_aside)
-
     def restore_latest(self, read: Callable[[int], T], *, log: Callable[[str], None] = print,
                        set_aside: bool = False) -> tuple[int, T] | None:
         """`(step, read(step))` for the newest step that can be read, None if there is no checkpoint.

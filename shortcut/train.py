@@ -279,14 +279,17 @@ def checkpoint_tree(state: TrainState) -> dict:
     return tree
 
 
+def restore(checkpointer: Checkpointer, step: int, like: TrainState) -> tuple[TrainState, bytes]:
+    """`Checkpointer.restore` for a TrainState: (state, data iterator bytes) saved at `step`, with the structure
+    and shardings of `like` (its checkpoint_tree)."""
+    tree, data = checkpointer.restore(step, checkpoint_tree(like))
+    return TrainState(**tree), data
+
+
 def resume(checkpointer: Checkpointer, like: TrainState, **kwargs) -> tuple[int, tuple[TrainState, bytes]] | None:
     """`Checkpointer.resume` for a TrainState: (step, (state, data iterator bytes)) of the newest readable step,
     with the structure and shardings of `like`; None when there is no checkpoint."""
-    found = checkpointer.resume(checkpoint_tree(like), **kwargs)
-    if found is None:
-        return None
-    step, (tree, data) = found
-    return step, (TrainState(**tree), data)
+    return checkpointer.restore_latest(lambda step: restore(checkpointer, step, like), **kwargs)
 
 
 def _finite(state: TrainState) -> bool:

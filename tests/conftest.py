@@ -37,6 +37,10 @@ _OWN_RESULTS = "SHORTCUT_TEST_RESULTS_DIR"  # set beside SHORTCUT_RESULTS_DIR wh
 
 def pytest_configure(config):
     os.environ.setdefault("SHORTCUT_TRACKING", "off")
+    if not os.environ.get("RAY_ADDRESS"):  # before any test imports ray: local Ray instances on loopback only
+        from orchestration.execution.cluster import local_only
+
+        local_only()
     # A folder of the user's is kept; one that a session made is replaced in each xdist worker by the
     # worker's own, so that two workers never export into one folder.
     if "SHORTCUT_RESULTS_DIR" not in os.environ or os.environ.get(_OWN_RESULTS):

@@ -176,7 +176,7 @@ def test_import_then_eval_only(fx, tmp_path, capsys):
     from shortcut.checkpoint import Checkpointer
     from shortcut.record import run_dir
     from shortcut.spec_files import load_spec
-    from shortcut.train import TrainState, build_model, init_state, make_optimizer
+    from shortcut.train import TrainState, build_model, init_state, make_optimizer, restore
 
     local_save = tmp_path / "ckpt_2"  # the official code's local layout: FILENAME/FILENAME.tmp
     local_save.mkdir()
@@ -192,7 +192,7 @@ def test_import_then_eval_only(fx, tmp_path, capsys):
 
     model, optimizer = build_model(spec), make_optimizer(spec.optimizer)
     checkpointer = Checkpointer(rundir / "checkpoints", keep=2)
-    state, _ = checkpointer.restore(checkpointer.latest_step(), init_state(spec, model, optimizer))
+    state, _ = restore(checkpointer, checkpointer.latest_step(), init_state(spec, model, optimizer))
     checkpointer.close()
     assert isinstance(state, TrainState) and int(state.step) == 1
     apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))

@@ -21,7 +21,7 @@ from shortcut.run import run
 from shortcut.spec import smoke_version
 from shortcut.spec_files import list_specs, load_spec
 from shortcut.train import (NonFiniteLossError, build_model, init_state, make_apply_fn, make_optimizer,
-                            make_train_step, train)
+                            make_train_step, restore, train)
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["train.steps=40", "train.log_every=20", "train.checkpoint_every=20", "eval.steps=[128, 4, 1]",
@@ -102,7 +102,7 @@ def _final_params(rundir: Path, spec):
     state = init_state(spec, model, make_optimizer(spec.optimizer))
     ckpt = Checkpointer(rundir / "checkpoints", keep=2)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    restored, _ = ckpt.restore(ckpt.latest_step(), abstract)
+    restored, _ = restore(ckpt, ckpt.latest_step(), abstract)
     ckpt.close()
     return restored
 
@@ -204,7 +204,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite loss nan at step 5; last good checkpoint: 4"):
         train(spec, init_state(spec, model, optimizer), step, _PoisonedData(poison_at=5), ckpt, log=lambda s: None)
     assert ckpt.all_steps() == [2, 4]
-    restored, data_state = ckpt.restore(4, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+    restored, data_state = restore(ckpt, 4, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                                         init_state(spec, model, optimizer)))
     assert data_state == b"4"
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored.params))

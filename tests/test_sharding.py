@@ -20,7 +20,7 @@ from shortcut.data import make_mock_iterator
 from shortcut.data.iterators import unpack_state
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.spec_files import load_spec
-from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, train
+from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, restore, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,8 @@ FSDP_SCRIPT = textwrap.dedent(
     from shortcut.data import make_mock_iterator
     from shortcut.sharding import Parallel, bytes_per_device
     from shortcut.spec_files import load_spec
-    from shortcut.train import build_model, init_state, make_apply_fn, make_optimizer, make_train_step, train
+    from shortcut.train import (build_model, init_state, make_apply_fn, make_optimizer, make_train_step, restore,
+                                train)
 
     spec = load_spec("digits_flow", ["model.size=null", "model.hidden_size=128", "model.depth=1",
                                      "model.num_heads=4", "train.steps=20", "train.batch_size=16",
@@ -65,7 +66,7 @@ FSDP_SCRIPT = textwrap.dedent(
     four = Parallel.create(16, "fsdp", devices=jax.devices()[:4])
     like = four.place(init_state(spec, model, optimizer, objective))
     checkpointer = Checkpointer(tmp / "fsdp", keep=2)
-    restored, _ = checkpointer.restore(checkpointer.latest_step(), like)
+    restored, _ = restore(checkpointer, checkpointer.latest_step(), like)
     checkpointer.close()
     out["restored"] = {
         "step": int(restored.step),
@@ -202,7 +203,7 @@ def test_interrupt_between_checkpoints_resumes_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(spec, fresh(), step, data(), ckpt, log=quiet, on_log=interrupt)
     assert ckpt.all_steps() == [5, 7]
-    _, data_state = ckpt.restore(7, initial)
+    _, data_state = restore(ckpt, 7, initial)
     assert unpack_state(data_state)[0]["kind"] == "prefetched"
     resumed = train(spec, fresh(), step, data(), ckpt, log=quiet)
     assert resumed.resumed_from == 7

@@ -106,7 +106,7 @@ def interrupted(nodes: dict, running: list[str]) -> str:
     """What Ctrl-C keeps of a table and the command that resumes it."""
     done = [n for n in nodes.values() if n.status in DONE]
     stopped = [nodes[k].label for k in running]
-    command = shlex.join(["run_experiment", *sys.argv[1:]]) if sys.argv[1:] else "the same run_experiment command"
+    command = shlex.join(["run_experiment", *sys.argv[1:]]) if sys.argv[1:] else "run_experiment with the same arguments"
     return (f"interrupted: kept {len(done)} finished run(s) (their run records and results records)"
             + (f"; {', '.join(stopped)} save a checkpoint at their current step" if stopped else "")
             + f"; {len(nodes) - len(done)} to go. Resume with `{command}`: finished runs are skipped, interrupted "
