@@ -38,12 +38,10 @@ def abstract_teacher_params(parts) -> Any:
     parts (assembly.Parts) are `parts`, None without a teacher."""
     if parts.teacher is None:
         return None
+    from shortcut.model import example_inputs
+
     tspec, model = parts.teacher.spec, parts.teacher.model
-    x = jax.ShapeDtypeStruct((1, *tspec.input_shape), np.float32)
-    one = jax.ShapeDtypeStruct((1,), np.float32)
-    labels = jax.ShapeDtypeStruct((1,), np.int32)
-    return jax.eval_shape(lambda x, t, d, y: model.init(jax.random.PRNGKey(0), x, t, d, y)["params"],
-                          x, one, one, labels)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(model, tspec.input_shape))["params"])
 
 
 def abstract_state(spec: Spec, *, parts=None):
