@@ -51,7 +51,3 @@ def directional_derivative(fn: Callable, primals: Sequence, tangents: Sequence, 
         return fn(*primals), jax.tree.map(lambda a, b: (a - b) / (2 * step), moved(1.0), moved(-1.0))
     raise ValueError(f"derivative must be jvp or finite_difference, got {method!r}")
 
-
-def config_derivative(fn: Callable, primals: Sequence, tangents: Sequence, config: DerivativeConfig) -> tuple:
-    """`directional_derivative` with the method and step a method's config names."""
-    return directional_derivative(fn, primals, tangents, method=config.derivative, step=config.finite_difference_step)

@@ -59,6 +59,7 @@ __all__ = [
     "attention_implementation",
     "count_params",
     "example_inputs",
+    "is_added_input",
     "loss_log_variance",
     "d_embedder_input",
     "default_platform",
@@ -414,7 +415,7 @@ class DiT(nn.Module):
         for name in self.conditioning:
             c = c + TimestepEmbedder(self.hidden_size, dtype=self.dtype, out_dtype=out_dtype, zero_init=True,
                                      name=f"{name}_embedder")(cond[name])
-        if self.log_variance:  # parameters only: loss_log_variance reads them, the velocity does not
+        if self.log_variance and self.is_initializing():  # parameters only: loss_log_variance reads them
             LogVariance(name="log_variance")(t)
 
         for i in range(self.depth):
@@ -422,6 +423,15 @@ class DiT(nn.Module):
                          architecture=self.architecture, attention_impl=impl, name=f"block_{i}")(h, c)
         h = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer")(h, c)
         return unpatchify(h.astype(jnp.float32), p, gh, gw)
+
+
+CORE_PARAMETERS = ("x_embedder", "t_embedder", "d_embedder", "y_embedder", "final_layer")  # and block_i
+
+
+def is_added_input(name: str) -> bool:
+    """Whether a top-level parameter subtree is one a method adds (an extra input's embedder or the
+    log-variance), zero-initialised so that the network's function is the same without it."""
+    return name == "log_variance" or (name.endswith("_embedder") and name not in CORE_PARAMETERS)
 
 
 def example_inputs(model: DiT, input_shape: tuple[int, ...], batch: int = 1) -> tuple:
