@@ -179,8 +179,7 @@ def test_scd_loss_is_zero_at_the_exact_consistency_function_and_not_at_a_perturb
     student's own prediction; a perturbed student gets a nonzero loss."""
     batch = dict(zip(("image", "label"), gaussian_batch(KEY, 256)))
     obj = scd()
-    for student, zero in ((consistency_exact, True),
-                          (lambda p, x, s, d, y: consistency_exact(p, x, s, d, y) * (1 + 0.3 * expand(s, x)), False)):
+    for student, zero in ((consistency_exact, True), (lambda p, x, s, d, y: 1.5 * consistency_exact(p, x, s, d, y), False)):
         apply_fn = student_and_teacher(student)
         tg = obj.targets(KEY, batch, Context(apply_fn, None, None, 0, TEACHER))
         err = jnp.mean(jnp.square(apply_fn(None, tg.x_t, tg.t, tg.d, tg.labels) - tg.v) * expand(tg.weight, tg.v))
@@ -200,8 +199,7 @@ def test_sct_tangent_averages_to_zero_at_the_exact_consistency_function():
     x1 = mean + jnp.sqrt(var) * jax.random.normal(KEY, (k, *SHAPE))
     z = (x_t - cos * x1) / sin
     xs, ts = jnp.broadcast_to(x_t, x1.shape), jnp.full((k,), t[0])
-    for student, zero in ((consistency_exact,
-                           True), (lambda p, x, s, d, y: consistency_exact(p, x, s, d, y) + 0.3 * expand(s, x), False)):
+    for student, zero in ((consistency_exact, True), (lambda p, x, s, d, y: 1.5 * consistency_exact(p, x, s, d, y), False)):
         F = lambda x, tt: trigflow_F(lambda a, s: student(None, a, s, None, None), x, tt, SD)
         dxdt = cos * z - sin * x1
         Fv, dF = directional_derivative(F, (xs, ts), (dxdt, jnp.ones_like(ts)))

@@ -48,7 +48,7 @@ def test_jvp_through_every_layer_of_the_dit_matches_a_finite_difference(architec
     tangents = (jax.random.normal(jax.random.PRNGKey(2), x.shape), jnp.ones_like(t), -jnp.ones_like(d))
     out, exact = directional_derivative(fn, (x, t, d), tangents)
     out_fd, approx = directional_derivative(fn, (x, t, d), tangents, method="finite_difference", step=1e-2)
-    np.testing.assert_array_equal(out, out_fd)
+    np.testing.assert_allclose(out, out_fd, rtol=1e-6, atol=1e-6)
     assert relative_error(approx, exact) < 1e-2
 
 
@@ -63,10 +63,10 @@ def test_attention_has_a_forward_mode_rule(architecture):
 
 
 def test_finite_difference_of_a_quadratic_is_exact_and_an_unknown_method_is_refused():
-    fn = lambda x, s: x**2 * s
+    fn = lambda x, s: x**2 + s
     _, fd = directional_derivative(fn, (jnp.float32(3.0), jnp.float32(2.0)), (jnp.float32(1.0), jnp.float32(0.5)),
                                    method="finite_difference", step=0.25)
-    assert float(fd) == pytest.approx(2 * 3 * 2 + 9 * 0.5, rel=1e-6)
+    assert float(fd) == pytest.approx(2 * 3 + 0.5, rel=1e-6)
     with pytest.raises(ValueError, match="jvp or finite_difference"):
         directional_derivative(fn, (1.0, 1.0), (1.0, 1.0), method="reverse")
 
