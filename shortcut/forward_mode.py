@@ -8,7 +8,8 @@ one of them computes it here, with one of two methods (the method key `derivativ
     (patch embedding, sinusoidal embedders, adaLN, layer norms, both attention paths, GELU MLP) has a
     forward-mode rule in JAX (tests/test_forward_mode.py checks it against a finite difference).
   * "finite_difference": the central difference (F(p + h p') - F(p - h p')) / (2h) with
-    h = `finite_difference_step`, two more forward passes and no forward-mode rule needed: the fallback
+    h = `finite_difference_step` (small enough that every input moved by h stays in the network's domain:
+    with `d_conditioning: level`, d - h > 0, so h < 1/M), two more forward passes and no forward-mode rule needed: the fallback
     for a layer or kernel without one (e.g. a fused attention kernel), as NVIDIA's FastGen offers.
 
 The function is applied to the whole batch at once, with a per-row tangent, inside the jit-compiled train
@@ -33,7 +34,8 @@ class DerivativeConfig(MethodConfig):
 
     derivative: Derivative = Field(default="jvp", description="how the network's derivative along a trajectory "
                                    "is computed: jvp (exact forward mode) or finite_difference (central, fallback)")
-    finite_difference_step: float = Field(default=1e-3, gt=0, description="h of the central difference")
+    finite_difference_step: float = Field(default=1e-3, gt=0, description="h of the central difference; inputs "
+                                          "moved by h must stay in the network's domain (level conditioning: h < 1/M)")
 
 
 def directional_derivative(fn: Callable, primals: Sequence, tangents: Sequence, *, method: Derivative = "jvp",
