@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
+from shortcut.errors import KeyedValueError
 from shortcut.forward_mode import DerivativeConfig, directional_derivative
-from shortcut.methods import KeyedValueError
 from shortcut.objective import ApplyFn, Context, Objective, Targets, euler_sample, expand, interpolate
 
 GUIDANCE = "guidance"  # the network's extra input: 1 - 1/w

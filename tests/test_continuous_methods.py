@@ -91,8 +91,8 @@ def test_imf_guided_targets_rows_and_sampling_with_guidance_as_an_input():
 
 
 def test_imf_needs_step_size_conditioning():
-    from shortcut.methods import KeyedValueError
-    from shortcut.spec import load_spec
+    from shortcut.errors import KeyedValueError
+    from shortcut.spec_files import load_spec
 
     with pytest.raises(KeyedValueError, match="step_size"):
         ImprovedMeanFlowObjective.from_spec(load_spec("digits_improved_meanflow", ["model.d_conditioning=level"]))

@@ -12,7 +12,7 @@ from baselines.meanflow import MeanFlowConfig, MeanFlowObjective
 from shortcut.forward_mode import directional_derivative
 from shortcut.model import DiT, attention, example_inputs, loss_log_variance
 from shortcut.objective import Context
-from shortcut.spec import load_spec
+from shortcut.spec_files import load_spec
 
 KEY = jax.random.PRNGKey(0)
 
