@@ -126,7 +126,7 @@ def rk4(f, x, times):
     return x
 
 
-@pytest.mark.parametrize("teacher", ["exact", "dit"])
+@pytest.mark.parametrize("teacher", ["exact", pytest.param("dit", marks=pytest.mark.slow)])  # dit: 512 eager calls
 def test_the_converted_teachers_probability_flow_reaches_the_same_samples(teacher):
     """dx/dt = sigma_d F(x, t) from t = pi/2 (x = sigma_d eps) to 0 ends where dx/ds = v(x, s) from s = 0 (x = eps)
     to 1 ends: the conversion is exact, for the Gaussian's exact velocity and for a (nonlinear) random DiT."""
