@@ -101,7 +101,7 @@ class ContinuousConsistencyTrainingObjective(ConsistencyObjective):
 
     Config = ContinuousConsistencyConfig
     display_name = "sCT"
-    table_order = 35
+    table_order = 94
 
     @classmethod
     def network_options(cls, config: ContinuousConsistencyConfig) -> dict:
@@ -156,7 +156,7 @@ class ContinuousConsistencyDistillationObjective(ContinuousConsistencyTrainingOb
 
     Config = ContinuousConsistencyDistillationConfig
     display_name = "sCD"
-    table_order = 75
+    table_order = 96
 
     def init_aux(self, params, teacher_params=None) -> Any:
         """aux = the teacher's (EMA) parameters, fixed for the whole run."""
