@@ -9,7 +9,8 @@ MeanFlow writes u(z_t, r, t) with its time running from data (0) to noise (1); t
 MeanFlow identity in our variables (differentiate d * u = int_t^{t+d} v along the trajectory, keeping the
 interval's end t + d fixed):
     u(x_t, t, d) = v(x_t, t) + d * (du/dt),   du/dt = (d/dx u) v + d/dt u - d/dd u,
-so the regression target is u_tgt = v + d * jvp(u, (x, t, d), tangents (v, 1, -1)), computed with jax.jvp
+so the regression target is u_tgt = v + d * jvp(u, (x, t, d), tangents (v, 1, -1)), computed in forward mode
+(shortcut/forward_mode.py: jax.jvp, or a central finite difference with `derivative: finite_difference`)
 of the network at the current parameters under stop-gradient, with the conditional velocity v = x1 - x0
 (its conditional mean given x_t is the true velocity and the target is affine in v).
 
@@ -35,12 +36,12 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
+from shortcut.forward_mode import Derivative, DerivativeConfig, directional_derivative
 from shortcut.losses import adaptive_weight
-from shortcut.methods import MethodConfig
 from shortcut.objective import ApplyFn, Context, Objective, Targets, drop_labels, euler_sample, expand, interpolate
 
 
-class MeanFlowConfig(MethodConfig):
+class MeanFlowConfig(DerivativeConfig):
     mean_fraction: float = Field(default=0.25, ge=0, le=1, description="share of rows with r != t (d > 0)")
     time_mean: float = Field(default=-0.4, description="logit-normal mean, in MeanFlow's time (1 = noise)")
     time_std: float = Field(default=1.0, gt=0, description="logit-normal standard deviation")
@@ -49,14 +50,16 @@ class MeanFlowConfig(MethodConfig):
 
 
 def meanflow_target(apply_fn: ApplyFn, params, x_t: jax.Array, t: jax.Array, d_cond: jax.Array, labels: jax.Array,
-                    v: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    v: jax.Array, d: jax.Array, *, derivative: Derivative = "jvp",
+                    step: float = 1e-3) -> tuple[jax.Array, jax.Array]:
     """(u, u_tgt): the network's u(x_t, t, d_cond) and the MeanFlow target v + d * du/dt (not yet stop-gradient).
 
-    d is the interval length in the identity (0 for r = t rows); d_cond what the network is conditioned on.
+    d is the interval length in the identity (0 for r = t rows); d_cond what the network is conditioned on;
+    `derivative` and `step` as shortcut/forward_mode.py's directional_derivative.
     """
     fn = lambda x, tt, dd: apply_fn(params, x, tt, dd, labels)
     ones = jnp.ones_like(t)
-    u, dudt = jax.jvp(fn, (x_t, t, d_cond), (v, ones, -ones))
+    u, dudt = directional_derivative(fn, (x_t, t, d_cond), (v, ones, -ones), method=derivative, step=step)
     return u, v + expand(d, v) * dudt
 
 
@@ -94,7 +97,8 @@ class MeanFlowObjective(Objective):
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
         x_t = interpolate(x0, x1, t)
         y = drop_labels(k_label, labels, cfg.class_dropout, self.null_class)
-        u, target = meanflow_target(ctx.apply_fn, ctx.params, x_t, t, d_cond, y, x1 - x0, d)
+        u, target = meanflow_target(ctx.apply_fn, ctx.params, x_t, t, d_cond, y, x1 - x0, d,
+                                    derivative=cfg.derivative, step=cfg.finite_difference_step)
         target = jax.lax.stop_gradient(target)
         weight = None
         if cfg.adaptive_p > 0:

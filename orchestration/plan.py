@@ -40,7 +40,7 @@ from orchestration.planning.compile import (compile_sampling_step, compile_train
                                             largest_batch, result_fits)
 from orchestration.planning.devices import Device, PlanError, Topology, parse_topology, prepare_jax, topology_devices
 from orchestration.planning.report import gib
-from shortcut import record
+from shortcut import progress, record
 
 DEFAULT_MFU = 0.4
 FID_SAMPLES = 50_000
@@ -68,7 +68,14 @@ def plan(spec, topology: Topology, *, strategy: str | None = None, mfu: float = 
     per_device = spec.train.batch_size // n
     log(f"plan {spec.name} on {topology.name} ({n} x {devices[0].device_kind}), {strategy}, batch "
         f"{spec.train.batch_size} ({per_device} per device): compiling the train step ...")
-    main = compile_train_step(parts, state, devices, strategy, per_device)
+    # At most this many compiles: the spec's batch, the batch search, the other strategy, the sampling steps and
+    # the VAE decoder; the bar's time left is an upper bound. (A failed compile ends the plan and its process.)
+    most = 1 + (max_compiles if bisect else 0) + (1 if alternative and n > 1 else 0) \
+        + (len({s.cfg_scale for s in spec.eval.settings()}) + 1 if sampling else 0)
+    compiles = progress.bar(most, f"plan {spec.name}: compiles", unit="compile")
+    count = _counting(compiles)
+    compile_train = count(compile_train_step)
+    main = compile_train(parts, state, devices, strategy, per_device)
     fits = result_fits(main, capacity)
     report: dict[str, Any] = {
         "spec": spec.name, "spec_hash": spec.hash(), "topology": topology.name, "sharding": strategy,
@@ -94,7 +101,7 @@ def plan(spec, topology: Topology, *, strategy: str | None = None, mfu: float = 
         train.update(message=main["message"], compiler_capacity=main.get("compiler_capacity"))
     if bisect:
         log("  searching the largest per-device batch that fits ...")
-        best, trail = largest_batch(lambda bb: compile_train_step(parts, state, devices, strategy, bb), per_device,
+        best, trail = largest_batch(lambda bb: compile_train(parts, state, devices, strategy, bb), per_device,
                                     {per_device: main}, capacity, max_compiles=max_compiles)
         train["max_per_device_batch"], train["batch_search"] = best, trail
         if train["flops_per_device"] is None and best:  # the spec's batch did not compile: scale a batch that did
@@ -108,7 +115,7 @@ def plan(spec, topology: Topology, *, strategy: str | None = None, mfu: float = 
     if alternative and not fits and n > 1:  # would the other strategy fit?
         alt = "fsdp" if strategy == "dp" else "dp"
         log(f"  {strategy} does not fit: compiling {alt} ...")
-        other = compile_train_step(parts, state, devices, alt, per_device)
+        other = compile_train(parts, state, devices, alt, per_device)
         report["alternative"] = {"sharding": alt, "fits": result_fits(other, capacity), "peak": other["peak"],
                                  "oom": other["oom"], "flops_per_device": other["flops_per_device"]}
         if train["flops_per_device"] is None and other["flops_per_device"] and not other["oom"]:
@@ -122,9 +129,21 @@ def plan(spec, topology: Topology, *, strategy: str | None = None, mfu: float = 
                             "lower train.batch_size or use more devices")
     train.update(report_lib.step_time(train["flops_per_device"], device, mfu, spec.train.steps))
     if sampling:
-        report["sampling"] = _sampling(spec, parts, state, devices, strategy, device, mfu, log)
+        report["sampling"] = _sampling(spec, parts, state, devices, strategy, device, mfu, log, count)
+    compiles.close()
     report["compile_s_total"] = time.perf_counter() - t0
     return report
+
+
+def _counting(compiles: progress.Bar) -> Callable:
+    """`count(fn)`: `fn`, advancing the compiles bar by one each time it returns."""
+    def count(fn: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            compiles.update()
+            return out
+        return counted
+    return count
 
 
 def _libtpu_version() -> str | None:
@@ -142,13 +161,14 @@ def _num_params(state) -> int:
     return int(sum(math.prod(a.shape) for a in jax.tree.leaves(state.params)))
 
 
-def _sampling(spec, parts, state, devices: list, strategy: str, device: Device, mfu: float, log) -> dict:
+def _sampling(spec, parts, state, devices: list, strategy: str, device: Device, mfu: float, log,
+              count: Callable) -> dict:
     n = len(devices)
     eval_batch = math.ceil(spec.eval.batch_size / n) * n
     log(f"  compiling one sampling step at the eval batch {eval_batch} ...")
     scales = sorted({s.cfg_scale for s in spec.eval.settings()})
-    steps = {w: compile_sampling_step(parts, state, devices, strategy, eval_batch, w) for w in scales}
-    decode = compile_vae_decode(spec, devices, eval_batch)
+    steps = {w: count(compile_sampling_step)(parts, state, devices, strategy, eval_batch, w) for w in scales}
+    decode = count(compile_vae_decode)(spec, devices, eval_batch)
     batches = math.ceil(FID_SAMPLES / eval_batch)
     decode_s = report_lib.seconds(decode and decode["flops_per_device"], device, mfu)
     fid = {}

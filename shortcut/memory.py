@@ -38,12 +38,10 @@ def abstract_teacher_params(parts) -> Any:
     parts (assembly.Parts) are `parts`, None without a teacher."""
     if parts.teacher is None:
         return None
+    from shortcut.model import example_inputs
+
     tspec, model = parts.teacher.spec, parts.teacher.model
-    x = jax.ShapeDtypeStruct((1, *tspec.input_shape), np.float32)
-    one = jax.ShapeDtypeStruct((1,), np.float32)
-    labels = jax.ShapeDtypeStruct((1,), np.int32)
-    return jax.eval_shape(lambda x, t, d, y: model.init(jax.random.PRNGKey(0), x, t, d, y)["params"],
-                          x, one, one, labels)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(model, tspec.input_shape))["params"])
 
 
 def abstract_state(spec: Spec, *, parts=None):
@@ -94,14 +92,15 @@ def _tree_bytes(tree: Any, placement) -> int:
 
 def state_bytes(spec: Spec, devices: Parallel | int = 1, strategy: str | None = None, *, state=None,
                 batch_size: int | None = None) -> dict:
-    """Bytes per device of the training state, by part: params, ema, opt_state, aux (a teacher's parameters
-    where the method keeps one), other (step, rng), state (their sum), batch (one global batch split over
-    the devices) and total (state + batch). `devices` is a `Parallel` or a device count (then `strategy`,
-    default the spec's `resources.sharding`); `state` an abstract state to reuse."""
+    """Bytes per device of the training state, by part: params, ema (every EMA decay's), opt_state, aux (a
+    teacher's parameters where the method keeps one), other (step, rng), state (their sum), batch (one global
+    batch split over the devices) and total (state + batch). `devices` is a `Parallel` or a device count (then
+    `strategy`, default the spec's `resources.sharding`); `state` an abstract state to reuse."""
     strategy = strategy or spec.resources.sharding
     placement = _placement(devices, strategy)
     state = abstract_state(spec) if state is None else state
-    parts = {"params": _tree_bytes(state.params, placement), "ema": _tree_bytes(state.ema_params, placement),
+    parts = {"params": _tree_bytes(state.params, placement),
+             "ema": _tree_bytes((state.ema_params, state.more_ema), placement),
              "opt_state": _tree_bytes(state.opt_state, placement), "aux": _tree_bytes(state.aux, placement),
              "other": _tree_bytes((state.step, state.rng), placement)}
     parts["state"] = sum(parts.values())

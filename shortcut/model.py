@@ -5,6 +5,13 @@ the original DiT it has one extra conditioning input, the step size d, embedded 
 timestep-style embedder (separate weights) and summed into the adaLN conditioning vector:
 c = t_emb + d_emb + y_emb.
 
+Extra conditioning (``DiT.conditioning``): a method may ask for more scalar inputs (e.g. the guidance
+scale w of improved MeanFlow), passed as ``cond={name: [B] values}``. Each has its own embedder like
+t's, summed into c after the others, with its output layer zero-initialised: a new input changes
+nothing until trained, and a network that asks for none has exactly today's parameters and outputs.
+``DiT.log_variance`` adds the parameters of a learned loss log-variance u(t) (EDM2's uncertainty
+weighting, used by sCT / sCD), read by ``loss_log_variance(params, t)``; the velocity never uses them.
+
 How d enters its embedder is set by ``DiT.d_conditioning`` (see ``d_embedder_input``):
 "level" feeds k = -log2(d) (what the official code does: d = 1/128 -> 7.0, d = 1 -> 0.0);
 "step_size" feeds d itself (the paper's notation). Both require d > 0.
@@ -51,6 +58,9 @@ __all__ = [
     "attention",
     "attention_implementation",
     "count_params",
+    "example_inputs",
+    "is_added_input",
+    "loss_log_variance",
     "d_embedder_input",
     "default_platform",
     "get_2d_sincos_pos_embed",
@@ -236,6 +246,7 @@ class TimestepEmbedder(nn.Module):
     frequency_embedding_size: int = 256
     dtype: Any = jnp.float32
     out_dtype: Any = None  # the second layer's compute dtype; None: `dtype`
+    zero_init: bool = False  # the second layer starts at zero (an extra input that changes nothing until trained)
 
     @nn.compact
     def __call__(self, s):
@@ -243,7 +254,24 @@ class TimestepEmbedder(nn.Module):
         x = nn.Dense(self.hidden_size, kernel_init=_normal02, bias_init=_zeros, dtype=self.dtype)(x)
         x = nn.silu(x)
         out_dtype = self.dtype if self.out_dtype is None else self.out_dtype
-        return nn.Dense(self.hidden_size, kernel_init=_normal02, bias_init=_zeros, dtype=out_dtype)(x)
+        return nn.Dense(self.hidden_size, kernel_init=_zeros if self.zero_init else _normal02, bias_init=_zeros,
+                        dtype=out_dtype)(x)
+
+
+class LogVariance(nn.Module):
+    """A learned scalar function u(s) = Dense(sinusoid_128(s)), zero-initialised (u = 0: weight 1 at first)."""
+
+    @nn.compact
+    def __call__(self, s):
+        x = timestep_embedding(s, 128)
+        return nn.Dense(1, kernel_init=_zeros, bias_init=_zeros)(x)[:, 0]
+
+
+def loss_log_variance(params: Any, t: jax.Array) -> jax.Array:
+    """The learned log-variance u(t) [B] of a DiT built with ``log_variance=True``, from its parameters."""
+    if "log_variance" not in params:
+        raise ValueError("the network has no log-variance parameters: build it with log_variance=True")
+    return LogVariance().apply({"params": params["log_variance"]}, t)
 
 
 class LabelEmbedder(nn.Module):
@@ -341,11 +369,18 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32
     architecture: str = "dit"
     attention_impl: str = "auto"
+    conditioning: tuple[str, ...] = ()  # extra scalar inputs, each through its own zero-initialised embedder
+    log_variance: bool = False  # also hold the parameters of a learned loss log-variance (loss_log_variance)
 
     @nn.compact
-    def __call__(self, x, t, d, labels):
+    def __call__(self, x, t, d, labels, cond=None):
         """x: [B,H,W,C]; t: [B] in [0,1]; d: [B] step size in (0,1]; labels: [B] int32
-        (num_classes = null class). Returns the velocity, [B,H,W,out_channels] float32."""
+        (num_classes = null class); cond: {name: [B]} for each name in ``conditioning`` (None without).
+        Returns the velocity, [B,H,W,out_channels] float32."""
+        given = set(cond or ())
+        if given != set(self.conditioning):
+            raise ValueError(f"the network is conditioned on {sorted(self.conditioning)} besides t, d and the label; "
+                             f"got cond for {sorted(given)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.architecture not in ARCHITECTURES:
@@ -377,12 +412,34 @@ class DiT(nn.Module):
         d_emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, out_dtype=out_dtype, name="d_embedder")(d_in)
         y_emb = LabelEmbedder(self.num_classes, self.hidden_size, dtype=self.dtype, name="y_embedder")(labels)
         c = t_emb + y_emb + d_emb if official else t_emb + d_emb + y_emb  # the official summation order
+        for name in self.conditioning:
+            c = c + TimestepEmbedder(self.hidden_size, dtype=self.dtype, out_dtype=out_dtype, zero_init=True,
+                                     name=f"{name}_embedder")(cond[name])
+        if self.log_variance and self.is_initializing():  # parameters only: loss_log_variance reads them
+            LogVariance(name="log_variance")(t)
 
         for i in range(self.depth):
             h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype,
                          architecture=self.architecture, attention_impl=impl, name=f"block_{i}")(h, c)
         h = FinalLayer(self.hidden_size, p, self.out_channels, dtype=self.dtype, name="final_layer")(h, c)
         return unpatchify(h.astype(jnp.float32), p, gh, gw)
+
+
+CORE_PARAMETERS = ("x_embedder", "t_embedder", "d_embedder", "y_embedder", "final_layer")  # and block_i
+
+
+def is_added_input(name: str) -> bool:
+    """Whether a top-level parameter subtree is one a method adds (an extra input's embedder or the
+    log-variance), zero-initialised so that the network's function is the same without it."""
+    return name == "log_variance" or (name.endswith("_embedder") and name not in CORE_PARAMETERS)
+
+
+def example_inputs(model: DiT, input_shape: tuple[int, ...], batch: int = 1) -> tuple:
+    """Zero inputs (x, t, d, labels, cond) of the model's shapes, for ``model.init``."""
+    zeros = jnp.zeros((batch,), jnp.float32)
+    cond = {name: zeros for name in model.conditioning} or None
+    return (jnp.zeros((batch, *input_shape), jnp.float32), zeros, jnp.ones((batch,), jnp.float32),
+            jnp.zeros((batch,), jnp.int32), cond)
 
 
 def make_dit(

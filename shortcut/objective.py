@@ -7,7 +7,8 @@ Conventions (paper, checked against the official code):
 
 An objective has two jobs: `targets` builds regression targets for a batch, `sample` generates with
 N steps. The train loop, checkpointing and evaluation call only these and never branch on the
-method's name. `ApplyFn(params, x, t, d, labels) -> velocity` is how objectives call the network;
+method's name. `ApplyFn(params, x, t, d, labels) -> velocity` is how objectives call the network (with `cond=` when
+the method asked for extra conditioning inputs, `Objective.network_options`);
 `Context` carries what targets may depend on besides the batch (parameters, EMA parameters, the
 step, and `aux`: state the objective owns, such as a distillation teacher's parameters).
 
@@ -43,7 +44,7 @@ from shortcut import losses, pairing
 from shortcut.errors import InputError
 from shortcut.methods import MethodConfig
 
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+ApplyFn = Callable[..., jax.Array]  # (params, x, t, d, labels, cond=None) -> velocity
 
 
 class Targets(NamedTuple):
@@ -56,6 +57,7 @@ class Targets(NamedTuple):
     v: jax.Array
     group: jax.Array  # int [B]: index into the objective's `groups`, for separate loss logging
     weight: jax.Array | None = None  # per-row loss weight [B]; None = 1
+    cond: dict | None = None  # the extra conditioning inputs {name: [B]} (Objective.network_options)
 
 
 class Context(NamedTuple):
@@ -99,6 +101,18 @@ def flow_targets(key: jax.Array, images: jax.Array, labels: jax.Array, *, m: int
     d = jnp.full((b,), 1.0 / m, jnp.float32)
     return Targets(x_t, t, d, drop_labels(k_label, labels, class_dropout, null_class), images - x0,
                    jnp.zeros((b,), jnp.int32))
+
+
+def predict(apply_fn: ApplyFn, params, tg: Targets) -> jax.Array:
+    """The network at the targets' inputs (with their extra conditioning when there is some)."""
+    if tg.cond is None:
+        return apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels)
+    return apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels, cond=tg.cond)
+
+
+def row_mse(apply_fn: ApplyFn, params, tg: Targets) -> jax.Array:
+    """Each row's mean squared error [B] between the network at the targets' inputs and their v."""
+    return losses.mse_rows(predict(apply_fn, params, tg), tg.v)
 
 
 def guided_velocity(apply_fn: ApplyFn, params, x, t, d, labels, cfg_scale: float, null_class: int) -> jax.Array:
@@ -151,6 +165,12 @@ class Objective:
         """The `method:` section of a --smoke run (e.g. fewer reflow pairs); unchanged by default."""
         return method
 
+    @classmethod
+    def network_options(cls, config: MethodConfig) -> dict:
+        """What the method asks of the network (shortcut/model.py DiT fields): `conditioning`, the names of
+        extra scalar inputs, and `log_variance`; nothing by default, so the network is the plain DiT."""
+        return {}
+
     @property
     def init_from_teacher(self) -> bool:
         """Whether the student starts from its teacher's weights (a config option of distillation methods)."""
@@ -182,6 +202,14 @@ class Objective:
     def targets(self, key: jax.Array, batch: dict, ctx: Context) -> Targets:
         """Regression targets for a batch {"image": [B,H,W,C] in [-1,1], "label": [B], ...}."""
         raise NotImplementedError
+
+    def loss(self, apply_fn: ApplyFn, params, tg: Targets) -> tuple[jax.Array, jax.Array]:
+        """(the loss the optimiser minimises, each row's plain MSE): by default the mean of the rows' `row_loss`
+        times their `weight`; a method with a loss of another form (e.g. a learned weighting) overrides it."""
+        pred = predict(apply_fn, params, tg)
+        rows = self.row_loss(pred, tg.v)
+        weighted = rows if tg.weight is None else rows * tg.weight
+        return jnp.mean(weighted), losses.mse_rows(pred, tg.v)
 
     def init_aux(self, params, teacher_params=None) -> Any:
         """The objective's own training state (kept in the TrainState and checkpointed); None by default."""

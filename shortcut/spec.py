@@ -33,6 +33,7 @@ LATENT_KEYS_NOT_HASHED = ("weights", "encoded_dir", "batch_size")
 # adding a key keeps the hash (and run directory) of every existing spec.
 KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_levels"): "even",
                         ("method", "sample_level"): "step_size", ("data", "heldout_split"): None,
+                        ("method", "derivative"): "jvp", ("method", "finite_difference_step"): 1e-3,
                         # the shortcut method's design space (shortcut/objective.py, ShortcutConfig)
                         **{("method", k): v for k, v in (
                             ("split", "half"), ("t_sampling", "uniform"), ("t_mean", 0.0), ("t_std", 1.0),

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from shortcut.errors import ShortcutError
+from shortcut.model import is_added_input
 from shortcut.record import RunDir, Status
 from shortcut.spec import Spec
 from shortcut.train import fresh_emas
@@ -103,8 +104,14 @@ def load_params(rundir: RunDir, *, ema: bool = True) -> tuple[Any, int]:
     return jax.tree.map(jnp.asarray, state["ema_params" if ema else "params"]), int(step)
 
 
+def _without_added_inputs(student_params, teacher_params):
+    """The student's parameters less the subtrees its method adds that the teacher lacks (model.is_added_input)."""
+    return {k: v for k, v in student_params.items() if k in teacher_params or not is_added_input(k)}
+
+
 def check_architecture(spec: Spec, teacher: Teacher, student_params) -> None:
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+    student_params = _without_added_inputs(student_params, teacher.params)
     if jax.tree.structure(teacher.params) != jax.tree.structure(student_params) or \
             shapes(teacher.params) != shapes(student_params):
         raise TeacherError(
@@ -123,6 +130,7 @@ def start_from_teacher(spec: Spec, state, objective, teacher: Teacher | None):
         check_architecture(spec, teacher, state.params)
     if not objective.init_from_teacher:
         return state
-    params = jax.tree.map(lambda a: jnp.array(a, copy=True), teacher.params)
+    # inputs the student's method adds (zero-initialised) keep their initial values: the start is the teacher's function
+    params = {**state.params, **jax.tree.map(lambda a: jnp.array(a, copy=True), teacher.params)}
     ema, more_ema = fresh_emas(params, spec.optimizer.ema_decays)
     return state.replace(params=params, ema_params=ema, more_ema=more_ema)

@@ -18,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shortcut import progress
+from shortcut import methods, progress
 from shortcut.checkpoint import Checkpointer
 from shortcut.compute import program_flops
 from shortcut.data.prefetch import DevicePrefetcher
 from shortcut.errors import ShortcutError
-from shortcut.losses import mse_rows
-from shortcut.model import DiT
+from shortcut.model import DiT, example_inputs
 from shortcut.objective import Context, Objective
 from shortcut.sharding import Parallel
 from shortcut.spec import OptimizerSpec, Spec
@@ -68,16 +67,17 @@ def update_emas(state: TrainState, params, decays: tuple[float, ...]) -> tuple[A
 
 
 def build_model(spec: Spec) -> DiT:
+    """The spec's DiT, with the extra inputs its method asks for (Objective.network_options)."""
     m = spec.model
     return DiT(hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                patch_size=m.patch_size, out_channels=spec.input_shape[-1], num_classes=spec.data.num_classes,
                d_conditioning=m.d_conditioning, dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-               architecture=m.architecture)
+               architecture=m.architecture, **methods.objective_class(spec.method.name).network_options(spec.method))
 
 
 def make_apply_fn(model: DiT) -> Callable:
-    """ApplyFn(params, x, t, d, labels) -> velocity, the signature objectives use."""
-    return lambda params, x, t, d, labels: model.apply({"params": params}, x, t, d, labels)
+    """ApplyFn(params, x, t, d, labels, cond=None) -> velocity, the signature objectives use."""
+    return lambda params, x, t, d, labels, cond=None: model.apply({"params": params}, x, t, d, labels, cond)
 
 
 def learning_rate(opt: OptimizerSpec) -> optax.Schedule:
@@ -95,9 +95,7 @@ def init_state(spec: Spec, model: DiT, optimizer: optax.GradientTransformation, 
                teacher_params=None) -> TrainState:
     key = jax.random.PRNGKey(spec.seed)
     init_key, train_key = jax.random.split(key)
-    b = 1
-    x = jnp.zeros((b, *spec.input_shape), jnp.float32)
-    params = model.init(init_key, x, jnp.zeros((b,)), jnp.ones((b,)), jnp.zeros((b,), jnp.int32))["params"]
+    params = model.init(init_key, *example_inputs(model, spec.input_shape))["params"]
     aux = objective.init_aux(params, teacher_params) if objective is not None else None
     ema, more = fresh_emas(params, spec.optimizer.ema_decays)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=optimizer.init(params),
@@ -118,15 +116,10 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
         ctx = Context(apply_fn, state.params, state.target_ema, state.step, state.aux)
         tg = objective.targets(key, batch, ctx)
 
-        def loss_fn(params):
-            pred = apply_fn(params, tg.x_t, tg.t, tg.d, tg.labels)
-            rows = objective.row_loss(pred, tg.v)
-            weighted = rows if tg.weight is None else rows * tg.weight
-            return jnp.mean(weighted), mse_rows(pred, tg.v)
-
         # `loss` is the optimised objective (weighted where the objective weights rows); the per-group
         # losses are plain MSEs, comparable across steps and methods.
-        (loss, per_row), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, per_row), grads = jax.value_and_grad(lambda p: objective.loss(apply_fn, p, tg), has_aux=True)(
+            state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema, more_ema = update_emas(state, params, decays)

@@ -409,7 +409,7 @@ def all_objectives():
     for name in methods.method_names():
         cls = methods.objective_class(name)
         spec = SimpleNamespace(method=cls.Config(name=name), data=SimpleNamespace(num_classes=10),
-                               train=SimpleNamespace(steps=70))
+                               train=SimpleNamespace(steps=70), model=SimpleNamespace(d_conditioning="step_size"))
         out[name] = cls.from_spec(spec)
     return out
 
@@ -417,7 +417,8 @@ def all_objectives():
 def test_every_method_is_registered_with_its_table_name():
     names = methods.method_names()
     assert {"shortcut", "flow_matching", "diffusion", "consistency_training", "consistency_distillation",
-            "progressive_distillation", "reflow", "live_reflow", "meanflow"} <= set(names)
+            "progressive_distillation", "reflow", "live_reflow", "meanflow", "improved_meanflow",
+            "consistency_training_continuous", "consistency_distillation_continuous"} <= set(names)
     assert names[:5] == ["diffusion", "flow_matching", "consistency_training", "live_reflow", "shortcut"]
     assert methods.display_name("progressive_distillation") == "Progressive Distillation"
     assert methods.display_name("not_installed_here") == "Not Installed Here"
@@ -430,9 +431,11 @@ def test_samplers_make_exactly_the_stated_number_of_network_evaluations(name):
     obj = all_objectives()[name]
     rows = []
 
-    def counting(params, x, t, d, labels):
+    def counting(params, x, t, d, labels, cond=None):
         jax.debug.callback(lambda n: rows.append(int(n)), jnp.asarray(x.shape[0]))
         return velocity_model(params, x, t, d, labels)
+
+    guidance_is_an_input = bool(obj.network_options(obj.config).get("conditioning"))  # one call per step, any w
 
     noise = jax.random.normal(KEY, (4, *SHAPE))
     labels = jnp.arange(4) % 10
@@ -441,7 +444,8 @@ def test_samplers_make_exactly_the_stated_number_of_network_evaluations(name):
         sample = jax.jit(lambda z: obj.sample(counting, None, z, labels, n, cfg_scale=w))
         jax.block_until_ready(sample(noise))
         jax.effects_barrier()
-        assert sum(rows) / 4 == obj.network_evaluations(n, w) == n * (2 if w != 1.0 else 1), (n, w)
+        assert sum(rows) / 4 == obj.network_evaluations(n, w) == n * (2 if w != 1.0 and not guidance_is_an_input
+                                                                      else 1), (n, w)
 
 
 # ---------------------------------------------------------------- specs and stage dependencies
@@ -553,7 +557,8 @@ def test_a_student_uses_its_finished_teacher_and_never_trains_one(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["digits_diffusion", "digits_consistency_training", "digits_live_reflow",
-                                  "digits_meanflow"])
+                                  "digits_meanflow", "digits_improved_meanflow",
+                                  "digits_consistency_training_continuous"])
 def test_digits_spec_trains_a_few_steps(name, tmp_path):
     spec = tiny(name)
     record = run(spec, workdir=tmp_path, log=lambda m: None)

@@ -69,6 +69,15 @@ def test_each_ema_follows_its_own_decay():
     assert state.target_ema is state.more_ema[-1]
 
 
+def test_the_memory_estimate_counts_every_ema():
+    from shortcut import memory
+
+    one = memory.state_bytes(load_spec("digits_shortcut"))
+    twin = memory.state_bytes(load_spec("digits_shortcut", ["optimizer.ema_decay=[0.999, 0.95]"]))
+    assert one["ema"] == one["params"] and twin["ema"] == 2 * twin["params"]
+    assert twin["state"] - one["state"] == one["params"]
+
+
 def test_one_decay_keeps_the_state_and_checkpoints_as_before(tmp_path):
     @flax.struct.dataclass
     class Before:  # the train state before twin EMA
