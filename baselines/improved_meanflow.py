@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 from pydantic import Field
 
+from baselines.meanflow import meanflow_target
 from shortcut.errors import KeyedValueError
-from shortcut.forward_mode import DerivativeConfig, directional_derivative
+from shortcut.forward_mode import DerivativeConfig
 from shortcut.objective import ApplyFn, Context, Objective, Targets, euler_sample, expand, interpolate
 
 GUIDANCE = "guidance"  # the network's extra input: 1 - 1/w
@@ -80,11 +81,8 @@ def imf_target(apply_fn: ApplyFn, params, x_t, t, d, labels, v_g, tangent, cond=
                step: float = 1e-3) -> tuple[jax.Array, jax.Array]:
     """(u, u_tgt): the network's u(x_t, t, d) and the iMF target v_g + d * du/dt with the derivative along
     (tangent, 1, -1) in (x, t, d) (not yet stop-gradient)."""
-    kw = {} if cond is None else {"cond": cond}
-    fn = lambda x, tt, dd: apply_fn(params, x, tt, dd, labels, **kw)
-    ones = jnp.ones_like(t)
-    u, dudt = directional_derivative(fn, (x_t, t, d), (tangent, ones, -ones), method=derivative, step=step)
-    return u, v_g + expand(d, v_g) * dudt
+    return meanflow_target(apply_fn, params, x_t, t, d, labels, v_g, d, tangent=tangent, cond=cond,
+                           derivative=derivative, step=step)
 
 
 class ImprovedMeanFlowObjective(Objective):

@@ -50,16 +50,20 @@ class MeanFlowConfig(DerivativeConfig):
 
 
 def meanflow_target(apply_fn: ApplyFn, params, x_t: jax.Array, t: jax.Array, d_cond: jax.Array, labels: jax.Array,
-                    v: jax.Array, d: jax.Array, *, derivative: Derivative = "jvp",
-                    step: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+                    v: jax.Array, d: jax.Array, *, tangent: jax.Array | None = None, cond: dict | None = None,
+                    derivative: Derivative = "jvp", step: float = 1e-3) -> tuple[jax.Array, jax.Array]:
     """(u, u_tgt): the network's u(x_t, t, d_cond) and the MeanFlow target v + d * du/dt (not yet stop-gradient).
 
     d is the interval length in the identity (0 for r = t rows); d_cond what the network is conditioned on;
-    `derivative` and `step` as shortcut/forward_mode.py's directional_derivative.
+    `tangent`: the direction of x in the derivative (default v; improved MeanFlow passes its own); `cond`: the
+    network's extra conditioning inputs; `derivative` and `step` as shortcut/forward_mode.py's
+    directional_derivative.
     """
-    fn = lambda x, tt, dd: apply_fn(params, x, tt, dd, labels)
+    kw = {} if cond is None else {"cond": cond}
+    fn = lambda x, tt, dd: apply_fn(params, x, tt, dd, labels, **kw)
     ones = jnp.ones_like(t)
-    u, dudt = directional_derivative(fn, (x_t, t, d_cond), (v, ones, -ones), method=derivative, step=step)
+    direction = v if tangent is None else tangent
+    u, dudt = directional_derivative(fn, (x_t, t, d_cond), (direction, ones, -ones), method=derivative, step=step)
     return u, v + expand(d, v) * dudt
 
 
