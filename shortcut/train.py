@@ -127,11 +127,10 @@ def make_train_step(apply_fn: Callable, objective: Objective, optimizer: optax.G
         for i, name in enumerate(groups):
             mask = tg.group == i
             metrics[f"loss_{name}"] = jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1)
-        aux = objective.next_aux(state.aux, params=params, ema_params=more_ema[-1] if more_ema else ema,
-                                 step=state.step + 1)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, aux=aux,
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                   more_ema=more_ema)
-        return new_state, metrics
+        aux = objective.next_aux(state.aux, params=params, ema_params=new_state.target_ema, step=new_state.step)
+        return new_state.replace(aux=aux), metrics
 
     if parallel is None:
         return jax.jit(step, donate_argnums=0)

@@ -20,6 +20,7 @@ from orchestration.execution.cluster import ResourcesError, check_feasible, work
 from orchestration.execution.graph import _fits, build, is_table, load_table
 from shortcut.spec import ResourcesSpec, SpecError
 from shortcut.spec_files import load_spec
+from tests.process_groups import group_ended
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -265,10 +266,7 @@ def test_sigterm_stops_a_table_like_ctrl_c(tmp_path):
         record = _record(workdir, "digits_flow")
         assert record["status"] == "interrupted"
         assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) >= 10
-        deadline = time.time() + 60  # Ray's own processes end with the driver
-        while time.time() < deadline and _alive_in_group(proc.pid):
-            time.sleep(0.5)
-        assert not _alive_in_group(proc.pid), "processes the driver started are still running"
+        assert group_ended(proc.pid), "processes the driver started are still running"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -283,14 +281,6 @@ def _wait_for_a_checkpoint(runs: Path, proc: subprocess.Popen) -> Path:
                 return ckpts
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint appeared (driver exit code {proc.poll()})")
-
-
-def _alive_in_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _kill_a_trial_after_its_first_checkpoint(sweep_runs: Path, proc: subprocess.Popen) -> Path:

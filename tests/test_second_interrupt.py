@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.execution.cluster import AGAIN
+from tests.process_groups import group_ended
 
 REPO = Path(__file__).resolve().parents[1]
 # a tiny real digits run that goes on (--smoke would fix the steps at 4)
@@ -86,19 +87,8 @@ def test_a_second_interrupt_ends_the_driver_in_one_line(tmp_path, second):
         assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
         assert text.rstrip().splitlines()[-1] == AGAIN, text[-3000:]
         assert _checkpoints(workdir / "digits_flow"), "the last checkpoint is gone"
-        deadline = time.time() + 60  # Ray's processes end with the driver that started them
-        while time.time() < deadline and _alive_in_group(proc.pid):
-            time.sleep(0.5)
-        assert not _alive_in_group(proc.pid), "processes the driver started are still running"
+        assert group_ended(proc.pid), "processes the driver started are still running"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _alive_in_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
