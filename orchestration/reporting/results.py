@@ -1,6 +1,7 @@
 """results/: the paper's published numbers and small exported records of finished runs.
 
     results/paper/table1.csv        published numbers as data, one line per cell, each with its source
+    results/paper/published.csv     later methods' published numbers beside the digits tables (docs/published.md)
     results/runs/<spec>/<hash12>.json   one finished run: metric values with provenance (no checkpoints)
     results/runs/<spec>/<hash12>/steps_<N>.png   its first sample at N steps (for the Figure-1 image)
     results/tables/, results/figures/   what make_tables writes
@@ -304,7 +305,7 @@ def fill_missing_floors(records: list[dict]) -> int:
 
 
 def load_paper(results_dir: str | Path | None = None):
-    """results/paper/*.csv as one DataFrame (empty `value` = a cell the project could not confirm;
+    """results/paper/*.csv of the Table 1 schema as one DataFrame (empty `value` = a cell the project could not confirm;
     `unsupported` = a cell the paper prints in parentheses, `secondary` = a cell from a secondary source; each
     False where a file has no such column)."""
     import pandas as pd
@@ -312,9 +313,11 @@ def load_paper(results_dir: str | Path | None = None):
     root = (Path(results_dir) if results_dir else default_results_dir()) / "paper"
     if not any(root.glob("*.csv")):  # e.g. a results folder outside the checkout: the shipped numbers
         root = REPO_ROOT / "results" / "paper"
-    frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))]
     columns = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "unsupported", "secondary",
                "source", "note"]
+    frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))]
+    # Only files of this schema: published.csv (the later methods' numbers beside the digits tables) has its own.
+    frames = [f for f in frames if {"arch", "num_steps"} <= set(f.columns)]
     if not frames:
         return pd.DataFrame(columns=columns)
     paper = pd.concat(frames, ignore_index=True)
