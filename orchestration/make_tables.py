@@ -112,11 +112,14 @@ def select(records: list[dict], tables: list[TableSpec] | None = None) -> Select
         tables = [load_table(t) for t in list_tables()]
     tables = [t for t in tables if names & set(t.experiments)]
     resolved = {}
+    smoke = (False, True) if any(r.get("smoke") for r in records) else (False,)  # --include-smoke: those runs too
     for t in tables:
-        key = (t.name, t.experiments, t.set, t.seeds)
-        if key not in _RESOLVED:  # once a process: specs do not change while make_tables runs
-            _RESOLVED[key] = {k: spec.method.name for k, spec in runs_of(t).items()}
-        resolved[t.name] = _RESOLVED[key]
+        resolved[t.name] = {}
+        for mock in smoke:
+            key = (t.name, t.experiments, t.set, t.seeds, mock)
+            if key not in _RESOLVED:  # once a process: specs do not change while make_tables runs
+                _RESOLVED[key] = {k: spec.method.name for k, spec in runs_of(t, smoke=mock).items()}
+            resolved[t.name].update(_RESOLVED[key])
     runs = {name: set(r) for name, r in resolved.items()}
     methods = {k[0]: m for r in resolved.values() for k, m in r.items()}
     paper_keys = set().union(*(runs[t.name] for t in tables if t.is_paper))
@@ -135,7 +138,7 @@ def select(records: list[dict], tables: list[TableSpec] | None = None) -> Select
     return Selection(table1, [(t, recs) for t, recs in specs if recs], left_out, methods)
 
 
-_RESOLVED: dict[tuple, dict] = {}  # (table, experiments, set, seeds) -> {(experiment, spec hash): method}
+_RESOLVED: dict[tuple, dict] = {}  # (table, experiments, set, seeds, smoke) -> {(experiment, hash): method}
 
 
 def spec_rows(table: TableSpec, records: list[dict], methods: dict | None = None) -> list[tuple[str, str]]:

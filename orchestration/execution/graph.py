@@ -133,10 +133,11 @@ def load_table(name: str) -> TableSpec:
     return table
 
 
-def runs_of(table: TableSpec) -> dict[tuple[str, str], Spec]:
+def runs_of(table: TableSpec, *, smoke: bool = False) -> dict[tuple[str, str], Spec]:
     """The runs a table resolves to, as (experiment name, spec hash) -> spec: every listed experiment once per
-    seed, and the teachers they wait for (what `run_experiment TABLE --print` lists). No JAX: only specs."""
-    return {(node.spec.name, key): node.spec for key, node in build(table).items()}
+    seed, and the teachers they wait for (what `run_experiment TABLE --print` lists; with `smoke`, its --smoke
+    runs). No JAX: only specs."""
+    return {(node.spec.name, key): node.spec for key, node in build(table, smoke=smoke).items()}
 
 
 class Status(enum.StrEnum):
