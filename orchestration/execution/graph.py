@@ -8,6 +8,11 @@ A table spec (experiments/table1_*.yaml) lists experiment specs and optional ove
     experiments: [digits_flow, digits_shortcut, digits_reflow, ...]
     set: []            # KEY=VALUE overrides for every experiment, teachers included
     seeds: [0, 1, 2]   # optional: every experiment once per seed (default: each spec's own seed)
+    labels: {digits_shortcut_wavelet: + wavelet loss}   # optional: a row's short name in make_tables' table
+    comparisons:       # optional: claims make_tables checks on the table's runs (docs/comparisons.md)
+      - {better: digits_shortcut_wavelet, than: digits_shortcut, steps: [1, 4]}
+
+`labels` and `comparisons` are read by make_tables only: they never change a run or its spec hash.
 
 Each experiment is a node keyed by its spec hash (which includes the seed, so each seed is its own
 node); a student's teacher (its `teacher:` spec) is a node it depends on, added when the table does
@@ -36,10 +41,20 @@ from typing import Callable
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from shortcut.errors import first_error
+from shortcut.errors import KeyedValueError, first_error
 from shortcut.spec import Spec, SpecError
 from shortcut.spec_files import load_spec, read_yaml, spec_path
 
+
+
+class Comparison(BaseModel):
+    """A claim about two rows of a table: `better` has the better metric than `than` at each of `steps`
+    (make_tables checks it like the paper's findings: orchestration/reporting/findings.py)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    better: str
+    than: str
+    steps: tuple[pydantic.PositiveInt, ...] = Field(min_length=1)
 
 
 class TableSpec(BaseModel):
@@ -51,6 +66,8 @@ class TableSpec(BaseModel):
     set: tuple[str, ...] = Field(default=(), description="KEY=VALUE overrides for every experiment")
     seeds: tuple[pydantic.NonNegativeInt, ...] | None = Field(
         default=None, min_length=1, description="run every experiment (and its teacher) once per seed")
+    labels: dict[str, str] = Field(default_factory=dict, description="experiment -> its row's short name")
+    comparisons: tuple[Comparison, ...] = Field(default=(), description="claims make_tables checks")
 
     @pydantic.field_validator("seeds")
     @classmethod
@@ -58,6 +75,33 @@ class TableSpec(BaseModel):
         if seeds is not None and len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {list(seeds)}")
         return seeds
+
+    @pydantic.model_validator(mode="after")
+    def _known_rows(self):
+        """Labels and comparisons name experiments of this table (one line naming the first that does not)."""
+        listed = set(self.experiments)
+        for name in self.labels:
+            if name not in listed:
+                raise KeyedValueError(f"labels.{name}", f"{name!r} is not an experiment of this table "
+                                                        f"(experiments: {', '.join(self.experiments)})")
+        for i, c in enumerate(self.comparisons):
+            for key in ("better", "than"):
+                name = getattr(c, key)
+                if name not in listed:
+                    raise KeyedValueError(f"comparisons.{i}.{key}", f"{name!r} is not an experiment of this table "
+                                                                    f"(experiments: {', '.join(self.experiments)})")
+            if c.better == c.than:
+                raise KeyedValueError(f"comparisons.{i}", f"compares {c.better!r} with itself")
+        return self
+
+    @property
+    def is_paper(self) -> bool:
+        """Table 1 of the paper on one dataset (table1_<dataset>), as opposed to an ablation or a table beyond
+        the paper."""
+        return self.name.startswith("table1_")
+
+    def label(self, experiment: str) -> str | None:
+        return self.labels.get(experiment)
 
 
 def is_table(name: str) -> bool:
@@ -87,6 +131,13 @@ def load_table(name: str) -> TableSpec:
     if table is None:
         raise SpecError(name, "experiments", "not a table spec (it lists no experiments)")
     return table
+
+
+def runs_of(table: TableSpec, *, smoke: bool = False) -> dict[tuple[str, str], Spec]:
+    """The runs a table resolves to, as (experiment name, spec hash) -> spec: every listed experiment once per
+    seed, and the teachers they wait for (what `run_experiment TABLE --print` lists; with `smoke`, its --smoke
+    runs). No JAX: only specs."""
+    return {(node.spec.name, key): node.spec for key, node in build(table, smoke=smoke).items()}
 
 
 class Status(enum.StrEnum):

@@ -1,9 +1,20 @@
-"""The paper's pairwise findings, checked on our runs with calibrated verdicts (written by make_tables).
+"""Pairwise findings, checked on our runs with calibrated verdicts (written by make_tables).
 
-A finding is read off the paper's CelebA-HQ column of Table 1 (results/paper/table1.csv): shortcut
-models against each other method, at each step count where the paper prints neither cell in
-parentheses ("evaluation under conditions that the objective is not intended to support"), e.g.
-"Shortcut Models beat Flow Matching at 128 steps (6.9 vs 7.3)". Lower is better.
+A finding comes from one of two places, and both are checked by one code path (`check`, `interval`,
+`verdict`, `to_frame`, `to_markdown`):
+
+- the paper (`PaperFinding`): read off the paper's CelebA-HQ column of Table 1 (results/paper/table1.csv):
+  shortcut models against each other method, at each step count where the paper prints neither cell in
+  parentheses ("evaluation under conditions that the objective is not intended to support"), e.g.
+  "Shortcut Models beat Flow Matching at 128 steps (6.9 vs 7.3)". Its sides are our rows of two methods.
+- a table spec (`TableComparison`): a claim its YAML declares under `comparisons:`, e.g.
+  `{better: digits_shortcut_wavelet, than: digits_shortcut, steps: [1, 4]}`: "+ wavelet loss beats the
+  official recipe at 1 and at 4 steps". Its sides are the table's rows of two experiments; the claimed
+  direction plays the part of the paper's sign.
+
+Below, "shortcut" is the finding's reference side (a paper finding's shortcut row, a comparison's `better`
+row) and "other" its other side (the other method, a comparison's `than` row). Lower is better (for a
+comparison on a metric where higher is better, the claimed sign flips).
 
 The uncertainty model (docs/comparisons.md). The difference of a seed is other - shortcut, paired by seed
 (the runs of one seed share their teacher, for students). Three sources move it: the training seed and the
@@ -54,10 +65,95 @@ class PaperFinding:
     shortcut: float  # the paper's values
     other: float
 
+    by = "method"  # the row attribute that names a side
+    voice = None  # set below: how its files phrase it
+
     @property
     def sign(self) -> int:
         """+1: shortcut is better (lower) in the paper; -1: the other method is."""
         return int(np.sign(self.other - self.shortcut))
+
+    @property
+    def sides(self) -> tuple[str, str]:
+        """(reference, other): the difference of a seed is other - reference."""
+        return REFERENCE, self.method
+
+    def statement(self, name: Callable[[str], str]) -> str:
+        better, worse = (REFERENCE, self.method) if self.sign > 0 else (self.method, REFERENCE)
+        return f"{name(better)} beat{'' if better == REFERENCE else 's'} {name(worse)} at {self.num_steps} " \
+               f"step{'s' if self.num_steps > 1 else ''}"
+
+    def columns(self, name: Callable[[str], str]) -> dict:
+        """The finding's own columns of to_frame (those before our numbers)."""
+        return {"finding": self.statement(name), "method": self.method, "num_steps": self.num_steps,
+                "paper_shortcut": self.shortcut, "paper_other": self.other, "paper_sign": self.sign}
+
+    def claim_cell(self) -> str | None:
+        """The Markdown cell of what the source printed (None: the kind has no such column)."""
+        return f"{self.shortcut:.1f} vs {self.other:.1f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableComparison:
+    """A table spec's claim (its YAML's `comparisons:`): experiment `better` has a better metric than `than`
+    at `num_steps` (lower, unless `lower_is_better` is False)."""
+    better: str
+    than: str
+    num_steps: int
+    table: str = ""  # the table spec's name
+    lower_is_better: bool = True
+
+    by = "experiment"
+    voice = None
+
+    @property
+    def sign(self) -> int:
+        """The claimed sign of than - better: +1 where lower is better."""
+        return 1 if self.lower_is_better else -1
+
+    @property
+    def sides(self) -> tuple[str, str]:
+        return self.better, self.than
+
+    def statement(self, name: Callable[[str], str]) -> str:
+        return f"{name(self.better)} beats {name(self.than)} at {self.num_steps} " \
+               f"step{'s' if self.num_steps > 1 else ''}"
+
+    def columns(self, name: Callable[[str], str]) -> dict:
+        return {"comparison": self.statement(name), "table": self.table, "better": self.better,
+                "than": self.than, "num_steps": self.num_steps, "claimed_sign": self.sign}
+
+    def claim_cell(self) -> str | None:
+        return None
+
+
+def table_comparisons(table, lower_is_better: bool = True) -> list[TableComparison]:
+    """A table spec's `comparisons:` (orchestration/execution/graph.py TableSpec), one per step count."""
+    return [TableComparison(c.better, c.than, int(n), table.name, lower_is_better)
+            for c in table.comparisons for n in c.steps]
+
+
+@dataclasses.dataclass(frozen=True)
+class Voice:
+    """How the files phrase one kind of finding."""
+    claim: str  # the claim column's header
+    source: str | None  # the source-value column's header (None: no such column)
+    difference: str  # our difference, as the header says it
+    whose: str  # "the paper's findings"
+    title: str  # the Markdown heading after "<dataset>: "
+    sign_note: str  # what the sign of our difference means
+    ratio: str  # the compute ratio's sides
+
+
+PaperFinding.voice = Voice(
+    "Paper's finding", "Paper: shortcut vs other", "other - shortcut", "the paper's {n} findings",
+    "the paper's findings (Table 1, CelebA-HQ, FID-50k), checked on ours ({ours_tag})",
+    "our difference is other - shortcut per seed (positive: shortcut better)", "other / shortcut")
+TableComparison.voice = Voice(
+    "Comparison (table spec)", None, "than - better", "the table's {n} comparisons",
+    "{table}'s comparisons, checked on ours ({ours_tag})",
+    "each comparison claims its `better` row beats its `than` row; our difference is than - better per seed "
+    "(positive: as claimed, where lower is better)", "than / better")
 
 
 def paper_findings(paper: pd.DataFrame) -> list[PaperFinding]:
@@ -285,18 +381,20 @@ def _pair(f: PaperFinding, s: Side, o: Side, label: str, why_missing: str) -> Ch
     return check
 
 
-def check(findings: list[PaperFinding], rows, name: Callable[[str], str]) -> list[Check]:
-    """Each finding against our rows (objects with .method, .label and .side(steps) -> Side); one check per
-    (our shortcut row, our row of the other method) pair, or one saying what is missing."""
-    ours = {}
-    for r in rows:
-        if r.per_seed:
-            ours.setdefault(r.method, []).append(r)
+def check(findings: list, rows, name: Callable[[str], str]) -> list[Check]:
+    """Each finding (a PaperFinding or a TableComparison) against our rows (objects with .method,
+    .experiment, .label and .side(steps) -> Side; a finding names its sides by `finding.by`); one check per
+    (our reference row, our other row) pair, or one saying what is missing."""
     out = []
     for f in findings:
-        pairs = [(s, o) for s in ours.get(REFERENCE, []) for o in ours.get(f.method, [])]
+        ours = {}
+        for r in rows:
+            if r.per_seed:
+                ours.setdefault(getattr(r, f.by), []).append(r)
+        reference, other = f.sides
+        pairs = [(s, o) for s in ours.get(reference, []) for o in ours.get(other, [])]
         if not pairs:
-            missing = [m for m in (REFERENCE, f.method) if m not in ours]
+            missing = [m for m in (reference, other) if m not in ours]
             out.append(Check(f, "", {}, "no run of " + " and ".join(name(m) for m in missing)))
             continue
         for s, o in pairs:
@@ -308,10 +406,8 @@ def check(findings: list[PaperFinding], rows, name: Callable[[str], str]) -> lis
     return out
 
 
-def statement(f: PaperFinding, name: Callable[[str], str]) -> str:
-    better, worse = (REFERENCE, f.method) if f.sign > 0 else (f.method, REFERENCE)
-    return f"{name(better)} beat{'' if better == REFERENCE else 's'} {name(worse)} at {f.num_steps} " \
-           f"step{'s' if f.num_steps > 1 else ''}"
+def statement(f, name: Callable[[str], str]) -> str:
+    return f.statement(name)
 
 
 def _number(x: float | None) -> str:
@@ -327,9 +423,7 @@ def to_frame(checks: list[Check], name: Callable[[str], str]) -> pd.DataFrame:
     for c in checks:
         ci, mci = c.interval, c.matched_interval
         rows.append({
-            "finding": statement(c.finding, name), "method": c.finding.method, "num_steps": c.finding.num_steps,
-            "paper_shortcut": c.finding.shortcut, "paper_other": c.finding.other, "paper_sign": c.finding.sign,
-            "ours": c.ours, "ours_mean_diff": c.mean, "ours_std_diff": c.std, "ours_n": c.n,
+            **c.finding.columns(name), "ours": c.ours, "ours_mean_diff": c.mean, "ours_std_diff": c.std, "ours_n": c.n,
             "ci_low": ci[1] if ci else None, "ci_high": ci[2] if ci else None, "ci_method": ci[3] if ci else "",
             "seed_std_of_mean": c.seed_std_of_mean, "reference_std": c.ref_std, "reference_draws": c.ref_draws, "both_at_floor": c.both_at_floor,
             "noise_floor": c.floor, "verdict": c.verdict, "seeds_to_resolve": c.seeds_needed,
@@ -363,28 +457,33 @@ def counts(checks: list[Check]) -> dict:
 
 
 def to_markdown(checks: list[Check], dataset: str, ours_tag: str, name: Callable[[str], str],
-                notes: tuple[str, ...] = ()) -> str:
-    findings = {c.finding for c in checks}
-    lines = [f"## {dataset}: the paper's findings (Table 1, CelebA-HQ, FID-50k), checked on ours ({ours_tag})", "",
-             "| # | Paper's finding | Paper: shortcut vs other | Ours: other - shortcut, mean [95 % interval] | "
-             "Std of the mean: seeds / reference | Verdict | Seeds to resolve | Compute other / shortcut | "
+                notes: tuple[str, ...] = (), table: str = "") -> str:
+    """The checks of one kind of finding (all paper findings, or all of one table spec's comparisons) as
+    Markdown: a heading, one line per check, what the counts and columns mean."""
+    findings = list(dict.fromkeys(c.finding for c in checks))
+    voice = findings[0].voice if findings else PaperFinding.voice
+    source = f" {voice.source} |" if voice.source else ""
+    lines = [f"## {dataset}: " + voice.title.format(ours_tag=ours_tag, table=table), "",
+             f"| # | {voice.claim} |{source} Ours: {voice.difference}, mean [95 % interval] | "
+             f"Std of the mean: seeds / reference | Verdict | Seeds to resolve | Compute {voice.ratio} | "
              "At matched compute |",
-             "| ---: | --- | ---: | ---: | ---: | --- | --- | ---: | --- |"]
+             "| ---: | --- |" + (" ---: |" if voice.source else "") + " ---: | ---: | --- | --- | ---: | --- |"]
     for i, c in enumerate(checks, 1):
         f = c.finding
-        what = statement(f, name) + (f" [{c.ours}]" if c.ours and c.ours != name(f.method) else "")
+        what = statement(f, name) + (f" [{c.ours}]" if c.ours and c.ours != name(f.sides[1]) else "")
         ratio = "-" if c.compute_ratio is None else f"{c.compute_ratio:.2f}" + (" (differs)" if c.compute_differs
                                                                                 else "")
         matched = c.matched_verdict if not c.matched else f"{c.matched_verdict}: {_ci_text(c.matched_interval)}"
         parts = f"{_number(c.seed_std_of_mean)} / {_number(c.ref_std)}"
-        lines.append(f"| {i} | {what} | {f.shortcut:.1f} vs {f.other:.1f} | {_ci_text(c.interval)} | "
+        claimed = f" {f.claim_cell()} |" if voice.source else ""
+        lines.append(f"| {i} | {what} |{claimed} {_ci_text(c.interval)} | "
                      f"{parts} | {c.verdict} | {_resolve_text(c) or '-'} | {ratio} | {matched} |")
     k = counts(checks)
     floors = {round(c.floor, 2) for c in checks if c.floor is not None}
-    lines += ["", f"- Of the paper's {len(findings)} findings ({len(checks)} checks): {k['holds']} hold, "
+    lines += ["", f"- Of {voice.whose.format(n=len(findings))} ({len(checks)} checks): {k['holds']} hold, "
               f"{k['reversed']} are reversed, {k['not resolved']} are not resolved ({k['at the floor']} of them with "
               f"both cells at the floor), {k['no interval']} have no interval, {k['no data']} have no data.",
-              "- Lower is better; our difference is other - shortcut per seed (positive: shortcut better). The "
+              f"- Lower is better; {voice.sign_note}. The "
               "95 % interval is mean +- t(df) sqrt(s^2/n + v_ref): s^2/n the seeds' (and their samples') variance "
               "of the mean, v_ref the reference's, from resampling the reference images (the same draws for both "
               "sides and every seed), df by Welch-Satterthwaite; with one seed +- 1.96 sqrt(both cells' bootstrap "
@@ -398,7 +497,7 @@ def to_markdown(checks: list[Check], dataset: str, ours_tag: str, name: Callable
               f"{AT_FLOOR_STDS:g} floor stds of it ('both at the floor': the metric cannot rank methods that "
               "match real data).",
               "- Compute: total training FLOPs (XLA cost analysis x steps; a student's teacher and pair "
-              "generation included), other / shortcut; '(differs)' marks more than 10 % apart. At matched "
+              f"generation included), {voice.ratio}; '(differs)' marks more than 10 % apart. At matched "
               "compute: both runs' convergence curves read at the smaller total compute of the two."]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

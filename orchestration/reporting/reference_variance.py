@@ -5,6 +5,7 @@ exported beside its record (results.load_feature_stats), for the reference's sha
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import numpy as np
@@ -31,9 +32,19 @@ def _reference(reference: str):
     return ref, means, covs
 
 
+_DRAWS: dict[tuple, np.ndarray | None] = {}  # a cell's draws, once a process (a run may be in several tables)
+
+
 def cell_draws(record: dict, entry: dict) -> np.ndarray | None:
     """The entry's metric value against each bootstrap draw of its reference [draws], or None when the record
     has no feature statistics or the reference is not resampled (FID: its images are not at hand)."""
+    key = (str(record.get("spec_hash")), str(record.get("_assets_dir")), json.dumps(entry, sort_keys=True, default=str))
+    if key not in _DRAWS:
+        _DRAWS[key] = _cell_draws(record, entry)
+    return _DRAWS[key]
+
+
+def _cell_draws(record: dict, entry: dict) -> np.ndarray | None:
     stats = load_feature_stats(record, entry)
     found = _reference(str(entry.get("reference"))) if stats is not None and entry.get("reference") else None
     if found is None:

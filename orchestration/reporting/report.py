@@ -2,7 +2,8 @@
 
 Per dataset: each table with its marks and notes, the paper's findings with their verdicts and intervals, the
 steps plot, the convergence curves (and a budget study's), the sample grid; the compute column is part of the
-table. The page opens with its provenance: the commit make_tables ran at and the run records behind it (count
+table. Then each table spec's own table (an ablation, a table beyond the paper) in a section of its own: the
+table with the published numbers beside it, its comparisons, its figures. The page opens with its provenance: the commit make_tables ran at and the run records behind it (count
 and commits). It is rendered from the Markdown tables make_tables writes, so the page and the .md files agree.
 """
 
@@ -51,8 +52,10 @@ def provenance(records: list[dict], commit: str, changes: bool) -> str:
     return f"{runs}; made by <code>make_tables</code> at <code>{html.escape(made)}</code>."
 
 
-def write_report(tables: list, records: list[dict], out_dir: Path) -> Path:
-    """Write out_dir/report.html from the tables, findings and figures make_tables wrote under out_dir."""
+def write_report(tables: list, records: list[dict], out_dir: Path, spec_tables: list = ()) -> Path:
+    """Write out_dir/report.html from the tables, findings and figures make_tables wrote under out_dir; each of
+    `spec_tables` (a table spec's table: an ablation, a table beyond the paper) in a section of its own after
+    the datasets', with its comparisons and the published numbers beside it."""
     from shortcut.record import git_provenance
 
     md = _markdown()
@@ -61,7 +64,8 @@ def write_report(tables: list, records: list[dict], out_dir: Path) -> Path:
             "</p>"]
     with_runs = {r.get("dataset") for r in records}  # datasets with runs of ours first, then the paper's alone
     datasets = sorted(dict.fromkeys(t.dataset for t in tables), key=lambda ds: ds not in with_runs)
-    body.append("<p>" + " · ".join(f'<a href="#{html.escape(ds)}">{html.escape(ds)}</a>' for ds in datasets) + "</p>")
+    sections = list(datasets) + list(dict.fromkeys(t.stem for t in spec_tables))
+    body.append("<p>" + " · ".join(f'<a href="#{html.escape(ds)}">{html.escape(ds)}</a>' for ds in sections) + "</p>")
     for ds in datasets:
         ours = [r for r in records if r.get("dataset") == ds]
         body.append(f'<section id="{html.escape(ds)}"><h2>{html.escape(ds)}</h2>'
@@ -80,6 +84,19 @@ def write_report(tables: list, records: list[dict], out_dir: Path) -> Path:
         if samples.exists():
             body.append("<h3>Samples</h3>" + _image(samples, f"{ds}: the same noise, one row per method, one column "
                                                              "per step count"))
+        body.append("</section>")
+    for t in spec_tables:
+        ours = [r for r in records if (r.get("name"), r.get("dataset")) in {(x.experiment, t.dataset) for x in t.rows}]
+        body.append(f'<section id="{html.escape(t.stem)}"><h2>{html.escape(t.name)}: {html.escape(t.metric)}</h2>'
+                    f'<p class="provenance">{provenance(ours, str(prov["git_commit"]), bool(prov["git_changes"]))}</p>')
+        for name in (f"{t.stem}.md", f"{t.stem}_comparisons.md"):
+            path = out_dir / "tables" / name
+            if path.exists():
+                body.append(md.render(re.sub(r"^## ", "### ", path.read_text(), flags=re.MULTILINE)))
+        for prefix, caption in FIGURES:
+            path = out_dir / "figures" / f"{prefix}_{t.figure_stem}.png"
+            if path.exists():
+                body.append(_image(path, f"{t.name}: {caption}"))
         body.append("</section>")
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>shortcut-models: tables"
             f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -304,20 +304,27 @@ def fill_missing_floors(records: list[dict]) -> int:
     return filled
 
 
+PUBLISHED = "published.csv"  # results/paper/published.csv: other methods' published numbers (load_published)
+
+
+def paper_dir(results_dir: str | Path | None = None) -> Path:
+    """results/paper/ of a results folder; one without any CSV there (e.g. a folder outside the checkout): the
+    shipped numbers, <repo>/results/paper."""
+    root = (Path(results_dir) if results_dir else default_results_dir()) / "paper"
+    return root if any(root.glob("*.csv")) else REPO_ROOT / "results" / "paper"
+
+
 def load_paper(results_dir: str | Path | None = None):
-    """results/paper/*.csv of the Table 1 schema as one DataFrame (empty `value` = a cell the project could not confirm;
-    `unsupported` = a cell the paper prints in parentheses, `secondary` = a cell from a secondary source; each
-    False where a file has no such column)."""
+    """results/paper/*.csv (published.csv aside: another schema) as one DataFrame (empty `value` = a cell the
+    project could not confirm; `unsupported` = a cell the paper prints in parentheses, `secondary` = a cell from
+    a secondary source; each False where a file has no such column)."""
     import pandas as pd
 
-    root = (Path(results_dir) if results_dir else default_results_dir()) / "paper"
-    if not any(root.glob("*.csv")):  # e.g. a results folder outside the checkout: the shipped numbers
-        root = REPO_ROOT / "results" / "paper"
+    root = paper_dir(results_dir)
+    frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))
+              if f.name != PUBLISHED]
     columns = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "unsupported", "secondary",
                "source", "note"]
-    frames = [pd.read_csv(f, comment="#", dtype={"value": "float64"}) for f in sorted(root.glob("*.csv"))]
-    # Only files of this schema: published.csv (the later methods' numbers beside the digits tables) has its own.
-    frames = [f for f in frames if {"arch", "num_steps"} <= set(f.columns)]
     if not frames:
         return pd.DataFrame(columns=columns)
     paper = pd.concat(frames, ignore_index=True)
@@ -325,6 +332,28 @@ def load_paper(results_dir: str | Path | None = None):
         flags = paper[flag] if flag in paper else pd.Series(False, index=paper.index)
         paper[flag] = flags.map(lambda v: str(v).strip().lower() in ("true", "1", "yes"))
     return paper
+
+
+def load_published(results_dir: str | Path | None = None) -> list[dict]:
+    """results/paper/published.csv (in paper_dir's folder) as one dict per line, [] when there is no such file.
+    Its columns: table, experiment, method, source, dataset, model, budget, nfe (int), metric, value (float),
+    note; blank cells are None. `table` names the table spec, `experiment` the row the number stands beside."""
+    import pandas as pd
+
+    path = paper_dir(results_dir) / PUBLISHED
+    if not path.exists():
+        return []
+    frame = pd.read_csv(path, comment="#", dtype=str, keep_default_na=False)
+    out = []
+    for line in frame.to_dict("records"):
+        line = {k: (v.strip() or None) if isinstance(v, str) else v for k, v in line.items()}
+        for key, kind in (("nfe", int), ("value", float)):
+            try:
+                line[key] = None if line.get(key) is None else kind(float(line[key]) if kind is int else line[key])
+            except ValueError:
+                line[key] = None
+        out.append(line)
+    return out
 
 
 def records_from_mlflow(tracking_uri: str, *, include_smoke: bool = False) -> list[dict]:

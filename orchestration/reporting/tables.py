@@ -14,6 +14,8 @@ from orchestration.reporting import reference_variance
 from shortcut import methods, metrics
 
 MISSING = "-"
+PAPER_COLUMNS = ["dataset", "method", "arch", "metric", "num_samples", "num_steps", "value", "unsupported", "secondary",
+                 "source", "note"]
 
 
 def method_name(method: str) -> str:
@@ -117,6 +119,7 @@ class Row:
     compute: dict = dataclasses.field(default_factory=dict)  # seed -> total training FLOPs
     curves: dict = dataclasses.field(default_factory=dict)  # steps -> {seed: [(FLOPs, value, bootstrap std)]}
     memorisation: dict = dataclasses.field(default_factory=dict)  # steps -> mean memorisation score
+    experiment: str = ""  # a table spec's row: the experiment it shows (a Table-1 row shows a method)
 
     def side(self, num_steps: int) -> findings_lib.Side:
         """This row at one step count, per seed, as a finding reads it."""
@@ -155,11 +158,29 @@ class Table:
     notes: list[str]
     paper_metrics: frozenset = frozenset()
     extra_columns: list = dataclasses.field(default_factory=list)  # (steps, "w = 1.5"): a step count's further scales
+    name: str = ""  # a table spec's table (ablation, beyond the paper): its spec's name; "" for Table 1
+    title: str = ""  # its heading after "<dataset>: " (a table spec's table)
+    published: list = dataclasses.field(default_factory=list)  # published numbers beside it (published_block)
+
+    @property
+    def compute_row(self) -> Row | None:
+        """The compute column's unit: the Flow Matching row; in a table spec's table without one, its first row."""
+        flow = next((r for r in self.rows if r.method == "flow_matching" and r.mean_compute), None)
+        if flow is None and self.name:
+            flow = next((r for r in self.rows[:1] if r.mean_compute), None)
+        return flow
 
     @property
     def reference_compute(self) -> float | None:
-        """The flow-matching row's mean training compute: the compute column's unit."""
-        return next((r.mean_compute for r in self.rows if r.method == "flow_matching" and r.mean_compute), None)
+        """The compute row's mean training compute: the compute column's unit."""
+        row = self.compute_row
+        return row.mean_compute if row else None
+
+    @property
+    def compute_unit(self) -> str:
+        """The compute column's unit as its header says it: flow, or (a table spec's first row) its label."""
+        row = self.compute_row
+        return "flow" if row is None or row.method == "flow_matching" else row.label
 
     @property
     def has_memorisation(self) -> bool:
@@ -167,14 +188,19 @@ class Table:
 
     @property
     def stem(self) -> str:
-        return f"table1_{self.dataset}_{self.metric}"
+        return f"{self.name}_{self.metric}" if self.name else f"table1_{self.dataset}_{self.metric}"
+
+    @property
+    def figure_stem(self) -> str:
+        """Its figures' names after `steps_` / `curves_`: <dataset>_<metric> for Table 1, else its stem."""
+        return self.stem if self.name else f"{self.dataset}_{self.metric}"
 
     def ours_columns(self) -> list[tuple[int, str]]:
         """Our columns: (steps, "") per step count, followed by (steps, "w = ...") for its further scales."""
         return [c for n in self.steps for c in [(n, "")] + [e for e in self.extra_columns if e[0] == n]]
 
     def header(self) -> list[str]:
-        cols = ["Method", "Model"] + (["Compute (x flow)"] if self.reference_compute else [])
+        cols = ["Method", "Model"] + ([f"Compute (x {self.compute_unit})"] if self.reference_compute else [])
         cols += [f"{self.ours_tag} {n}-step{', ' + w if w else ''} (ours)" for n, w in self.ours_columns()]
         if self.has_memorisation:
             cols.append(f"Memorisation {'/'.join(map(str, self.steps))}-step")
@@ -281,6 +307,68 @@ def build_tables(records: list[dict], paper: pd.DataFrame) -> list[Table]:
     return tables
 
 
+def build_spec_tables(name: str, experiments: list[tuple[str, str]], records: list[dict],
+                      description: str = "") -> list[Table]:
+    """A table spec's own tables (an ablation, a table beyond the paper), one per (dataset, metric) of its
+    records: one row per experiment, in the spec's order, labelled `experiments`' (experiment, label); never
+    merged by method; no paper columns (published numbers of other scales go beside it: published_block).
+    `records` are the table's runs (make_tables selects them by spec hash)."""
+    values = our_values(records)
+    agg = aggregate(values)
+    tables = []
+    for ds in sorted(set(agg["dataset"])):
+        for metric in sorted(set(agg.loc[agg["dataset"] == ds, "metric"])):
+            a = agg[(agg["dataset"] == ds) & (agg["metric"] == metric)]
+            seed_values = values[(values["dataset"] == ds) & (values["metric"] == metric)]
+            t = _table(ds, metric, a, pd.DataFrame(columns=PAPER_COLUMNS), records, seed_values,
+                       experiments=experiments)
+            t.name = name if len(set(agg["dataset"])) == 1 else f"{name}_{ds}"
+            t.title = f"{name}, {t.ours_tag} (ours)"
+            if description:
+                t.notes.insert(0, f"{name}: {description}")
+            tables.append(t)
+    return tables
+
+
+def published_block(t: Table) -> str:
+    """Markdown: the published numbers beside a table spec's table (t.published: results/paper/published.csv's
+    lines of this table), one line per (row, published method, dataset, model, budget, metric), one column per
+    number of network evaluations; "" when there are none."""
+    if not t.published:
+        return ""
+    labels = {r.experiment: r.label for r in t.rows}
+    order = {r.experiment: i for i, r in enumerate(t.rows)}
+    groups: dict[tuple, dict] = {}
+    for p in t.published:
+        key = tuple(str(p.get(k) or "") for k in ("experiment", "method", "dataset", "model", "budget", "metric"))
+        g = groups.setdefault(key, {"values": {}, "sources": [], "secondary": False})
+        if p.get("nfe") is not None and p.get("value") is not None:
+            g["values"][int(p["nfe"])] = float(p["value"])
+        source = str(p.get("source") or "").rsplit(", column ", 1)[0]
+        if source and source not in g["sources"]:
+            g["sources"].append(source)
+        g["secondary"] |= str(p.get("note") or "").strip().lower().startswith("secondary")
+    nfes = sorted({n for g in groups.values() for n in g["values"]}, reverse=True)
+    lines = [f"### {t.name}: published (other scale)", "",
+             "| Row (ours) | Published | " + " | ".join(f"{n} NFE" for n in nfes) +
+             " | Metric | Dataset | Model | Budget | Source |",
+             "| --- | --- | " + " | ".join("---:" for _ in nfes) + " | --- | --- | --- | --- | --- |"]
+    for key in sorted(groups, key=lambda k: order.get(k[0], len(order))):  # stable: the file's order within a row
+        experiment, method, dataset, model, budget, metric = key
+        g = groups[key]
+        cells = [f"{g['values'][n]:g}" if n in g["values"] else MISSING for n in nfes]
+        row = [labels.get(experiment, experiment or MISSING), method + (f" {MARK_SECONDARY}" if g["secondary"] else ""),
+               *cells, metric, dataset, model, budget, "; ".join(g["sources"])]
+        lines.append("| " + " | ".join((c or MISSING).replace("|", "\\|") for c in row) + " |")
+    lines += ["", "- Published numbers of these methods on other datasets, models and budgets (results/paper/"
+              "published.csv): context for the direction of each step, never a target; they are not comparable "
+              f"with our {t.ours_tag} cells. NFE: network evaluations per sample."]
+    if any(g["secondary"] for g in groups.values()):
+        lines.append(f"- {MARK_SECONDARY}: a number this project could not confirm from a primary source (its note "
+                     "in published.csv says where it was seen).")
+    return "\n".join(lines) + "\n"
+
+
 def mean_curve(by_seed: dict) -> list[tuple[float, float]]:
     """The seeds' mean curve [(compute, value)], over the points every seed has (by position)."""
     if not by_seed:
@@ -329,7 +417,9 @@ def _row_evidence(primary: pd.DataFrame, records: list[dict], metric: str) -> di
 
 
 def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list[dict],
-           seed_values: pd.DataFrame) -> Table:
+           seed_values: pd.DataFrame, experiments: list[tuple[str, str]] | None = None) -> Table:
+    """Table 1's layout of one dataset and metric; with `experiments` [(experiment, label)], a table spec's:
+    one row per experiment in that order (its runs: the records of that name), no paper columns."""
     steps = sorted({int(n) for n in a["num_steps"]} | {int(n) for n in p["num_steps"]}, reverse=True)
     counts = {int(c) for r in records if r["dataset"] == ds for e in r.get("evaluation") or []
               if e.get("metric") == metric for c in [e.get("num_samples")] if c}
@@ -341,18 +431,31 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
                                for m in paper_metrics)
     rows: dict[tuple, Row] = {}
     configs = a.groupby(["method", "arch"])["config"].nunique().to_dict() if len(a) else {}
-    for (method, arch, config), g in a.groupby(["method", "arch", "config"], sort=False):
+
+    def row(method: str, arch: str, label: str, config_rows: pd.DataFrame, primary: pd.DataFrame, **kw) -> Row:
+        cells = {(int(r.num_steps), r.scale_column): (float(r.mean), float(r.std), int(r.n))
+                 for r in config_rows.itertuples()}
+        ours = {n: c for (n, w), c in cells.items() if not w}
+        per_seed = {int(n): dict(zip(v["seed"].astype(int), v["value"].astype(float)))
+                    for n, v in primary.groupby("num_steps")}
+        return Row(method, arch, label, ours, {}, per_seed=per_seed, extra={k: c for k, c in cells.items() if k[1]},
+                   **_row_evidence(primary, records, metric), **kw)
+
+    for (method, arch, config), g in ([] if experiments is not None else
+                                      a.groupby(["method", "arch", "config"], sort=False)):
         label = method_name(method)
         if configs.get((method, arch), 1) > 1:  # several configurations of one method: say which
             label += f" [{g['name'].iloc[0]} {config[:6]}]"
-        cells = {(int(r.num_steps), r.scale_column): (float(r.mean), float(r.std), int(r.n)) for r in g.itertuples()}
-        ours = {n: c for (n, w), c in cells.items() if not w}
         primary = seed_values[(seed_values["config"] == config) & (seed_values["scale_column"] == "")]
-        per_seed = {int(n): dict(zip(v["seed"].astype(int), v["value"].astype(float)))
-                    for n, v in primary.groupby("num_steps")}
-        rows[(method, arch, config)] = Row(method, arch, label, ours, {}, per_seed=per_seed,
-                                           extra={k: c for k, c in cells.items() if k[1]},
-                                           **_row_evidence(primary, records, metric))
+        rows[(method, arch, config)] = row(method, arch, label, g, primary)
+    for experiment, label in experiments or []:  # a table spec's rows: by experiment, in its order
+        mine = seed_values[seed_values["name"] == experiment]
+        config_rows = aggregate(mine)  # by experiment: two experiments never merge
+        first = next((r for r in records if r["name"] == experiment), None)
+        method = first["method"] if first else ""
+        arch = first["arch"] if first else MISSING
+        rows[(experiment,)] = row(method, arch, label, config_rows, mine[mine["scale_column"] == ""],
+                                  experiment=experiment)
     for (method, arch), g in p.groupby(["method", "arch"], sort=False):
         values = {int(r.num_steps): (None if pd.isna(r.value) else float(r.value)) for r in g.itertuples()}
         unsupported = frozenset(int(r.num_steps) for r in g.itertuples() if r.unsupported and not pd.isna(r.value))
@@ -364,7 +467,8 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
             matched = [rows[(method, arch, "")]]
         for row in matched:
             row.paper, row.paper_unsupported, row.paper_secondary = values, unsupported, secondary
-    ordered = sorted(rows.values(), key=lambda r: sort_key(r.method, r.arch, r.label))
+    ordered = list(rows.values()) if experiments is not None else \
+        sorted(rows.values(), key=lambda r: sort_key(r.method, r.arch, r.label))
     params = sorted({{"ema": "EMA"}.get(str(e.get("params", "ema")), str(e.get("params"))) for r in records
                      if r["dataset"] == ds for e in r.get("evaluation") or [] if e.get("metric") == metric})
     notes = [metrics.quantity(metric).description + ".",
@@ -377,9 +481,12 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
                      " (includes the training images: a model that reproduces them scores well)") + ".")
     notes += [n for n in [floor_note(records, ds, metric)] if n]
     if any(r.get("compute") for r in records if r["dataset"] == ds):
-        notes.append("Compute (x flow): total training FLOPs (XLA cost analysis of the compiled train step x steps; "
-                     "a student adds its teacher's and the teacher's pair generation), relative to the Flow Matching "
-                     "row; equal steps are not equal budgets.")
+        unit = "flow" if experiments is None or any(r.method == "flow_matching" and r.mean_compute for r in ordered) \
+            else next((r.label for r in ordered[:1] if r.mean_compute), "flow")
+        notes.append(f"Compute (x {unit}): total training FLOPs (XLA cost analysis of the compiled train step x steps; "
+                     "a student adds its teacher's and the teacher's pair generation), relative to the "
+                     + ("Flow Matching row" if unit == "flow" else f"table's first row ({unit})")
+                     + "; equal steps are not equal budgets.")
     if any(e.get("memorisation") is not None for r in records if r["dataset"] == ds for e in r.get("evaluation") or []):
         notes.append("Memorisation: share of samples closer to their nearest training image than 95 % of held-out "
                      "real images are to theirs (0.05 for samples as novel as unseen data, 1 for copies).")
@@ -393,7 +500,10 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
             for n, w in sorted(scales.index, key=lambda k: (-k[0], k[1])))
             + (". A step count evaluated at several scales: the first fills its column, each further one adds "
                "a 'N-step, w = ...' column" if extra_columns else "") + ".")
-    if paper_tag:
+    if experiments is not None:
+        notes.append("Rows: the table spec's experiments in its order (one configuration each, never merged by "
+                     "method); a row without runs yet shows '-'.")
+    elif paper_tag:
         sources: dict[str, list[str]] = {}
         for src in p.loc[p["value"].notna(), "source"]:
             head, _, where = src.partition(", row ")
@@ -428,11 +538,13 @@ def _table(ds: str, metric: str, a: pd.DataFrame, p: pd.DataFrame, records: list
 def to_markdown(t: Table) -> str:
     header = t.header()
     align = ["---", "---"] + ["---:"] * (len(header) - 2)
-    lines = [f"## {t.dataset}: {t.ours_tag}" + (f" (ours) vs {t.paper_tag} (paper)" if t.paper_tag else ""), "",
+    lines = [f"## {t.dataset}: {t.title}" if t.title else
+             f"## {t.dataset}: {t.ours_tag}" + (f" (ours) vs {t.paper_tag} (paper)" if t.paper_tag else ""), "",
              "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t.cells()]
     lines += [""] + [f"- {n}" for n in t.notes]
-    return "\n".join(lines) + "\n"
+    block = published_block(t)
+    return "\n".join(lines) + "\n" + (f"\n{block}" if block else "")
 
 
 def latex_escape(text: str) -> str:
@@ -474,7 +586,8 @@ def values_frame(t: Table) -> pd.DataFrame:
         for n, w in t.ours_columns():
             c = r.extra.get((n, w)) if w else r.ours.get(n)
             by_seed = {} if w else r.per_seed.get(n, {})
-            rows.append({"dataset": t.dataset, "method": r.method, "arch": r.arch, "row": r.label, "num_steps": n,
+            rows.append({"dataset": t.dataset, **({"experiment": r.experiment} if t.name else {}),
+                         "method": r.method, "arch": r.arch, "row": r.label, "num_steps": n,
                          "scale_column": w, "ours_metric": t.ours_tag, "ours_mean": c[0] if c else None,
                          "ours_std": c[1] if c and c[2] > 1 else None, "ours_n": c[2] if c else 0,
                          "ours_seeds": ",".join(str(s) for s in sorted(by_seed)),
