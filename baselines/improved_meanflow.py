@@ -21,7 +21,8 @@ MeanFlow in two ways:
    with both velocities from the network without gradient (official `guidance_fn`). Labels are dropped to
    the null class on the first Binomial(B, class_dropout) rows (official `cond_drop`), whose target is then
    x1 - x0; the tangent keeps the conditional v_theta(x_t, t | w, y). Sampling with scale w is one network
-   call per step: x <- x + (1/N) u(x, i/N, 1/N | w).
+   call per step: x <- x + (1/N) u(x, i/N, 1/N | w). The draw of w and the guided target are
+   shortcut/guidance.py's, shared with the shortcut model's intrinsic guidance.
 
 Times (official `sample_tr`): t_MF and r are two logit-normal draws (mean -0.4, std 1), t_MF the larger;
 the first `flow_fraction` (official data_proportion, 0.5) of the rows have r = t (d = 0: plain flow
@@ -45,10 +46,8 @@ from pydantic import Field
 from baselines.meanflow import meanflow_target
 from shortcut.errors import KeyedValueError
 from shortcut.forward_mode import DerivativeConfig
+from shortcut.guidance import GUIDANCE, guidance_input, guided_target, sample_guidance  # noqa: F401 (re-exported)
 from shortcut.objective import ApplyFn, Context, Objective, Targets, euler_sample, expand, interpolate
-
-GUIDANCE = "guidance"  # the network's extra input: 1 - 1/w
-
 
 class ImprovedMeanFlowConfig(DerivativeConfig):
     flow_fraction: float = Field(default=0.5, ge=0, le=1, description="share of rows with r = t (official "
@@ -62,19 +61,6 @@ class ImprovedMeanFlowConfig(DerivativeConfig):
     guidance_max: float = Field(default=7.0, gt=0, description="w is drawn in [1, 1 + guidance_max] (official s_max)")
     guidance_beta: float = Field(default=1.0, ge=0, description="power of w's distribution (official cfg_beta; "
                                  "1: w = (1 + guidance_max)^U)")
-
-
-def guidance_input(w: jax.Array) -> jax.Array:
-    """The scalar the network sees for guidance scale w: 1 - 1/w (0 without guidance)."""
-    return 1 - 1 / w
-
-
-def sample_guidance(key: jax.Array, b: int, s_max: float, beta: float) -> jax.Array:
-    """Guidance scales w in [1, 1 + s_max], one per row (official sample_cfg_scale)."""
-    u = jax.random.uniform(key, (b,))
-    if beta == 1.0:
-        return jnp.exp(u * jnp.log1p(s_max))
-    return jnp.exp(jnp.log1p(u * jnp.expm1((1 - beta) * jnp.log1p(s_max))) / (1 - beta))
 
 
 def imf_target(apply_fn: ApplyFn, params, x_t, t, d, labels, v_g, tangent, cond=None, *, derivative="jvp",
@@ -139,7 +125,7 @@ class ImprovedMeanFlowObjective(Objective):
         v_g = v_t
         if cfg.guidance:
             v_u = self.velocity(ctx.apply_fn, params, x_t, t, jnp.full_like(labels, self.null_class), jnp.ones_like(w))
-            v_g = v_t + expand(guidance_input(w), v_t) * (v_c - v_u)
+            v_g = guided_target(v_t, v_c, v_u, guidance_input(w))
         dropped = jnp.arange(b) < jnp.sum(jax.random.bernoulli(k_drop, cfg.class_dropout, (b,)))
         y = jnp.where(dropped, self.null_class, labels)
         v_g = jnp.where(expand(dropped, v_g), v_t, v_g)

@@ -26,8 +26,9 @@ Choices where the paper and the official code differ (official default kept unle
     (`bootstrap_clip`, None disables it).
 
 Later recipe choices, each a key whose default is the paper's recipe (docs/methods.md, "The shortcut
-design space"): `split`, `t_sampling`, `ot_pairing`, `loss`, `loss_weighting`; twin EMA is
-`optimizer.ema_decay` given as a list (shortcut/train.py).
+design space"): `split`, `t_sampling`, `ot_pairing`, `loss`, `loss_weighting`, `guidance` (iSM's intrinsic
+guidance, w an input of the network) and `guidance_interval`; twin EMA is `optimizer.ema_decay` given as a
+list (shortcut/train.py).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from typing import Any, Callable, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from shortcut import losses, pairing
-from shortcut.errors import InputError
+from shortcut import guidance, losses, pairing
+from shortcut.errors import InputError, KeyedValueError
 from shortcut.methods import MethodConfig
 
 ApplyFn = Callable[..., jax.Array]  # (params, x, t, d, labels, cond=None) -> velocity
@@ -126,15 +127,21 @@ def guided_velocity(apply_fn: ApplyFn, params, x, t, d, labels, cfg_scale: float
 
 
 def euler_sample(apply_fn: ApplyFn, params, noise: jax.Array, labels: jax.Array, num_steps: int, *,
-                 d_cond: float, cfg_scale: float, null_class: int) -> jax.Array:
-    """N Euler steps of size 1/N from t = 0 (noise) to t = 1, conditioning the network on `d_cond`."""
+                 d_cond: float, cfg_scale: float, null_class: int, interval=None) -> jax.Array:
+    """N Euler steps of size 1/N from t = 0 (noise) to t = 1, conditioning the network on `d_cond`; with a
+    guidance `interval` [t_lo, t_hi], a step whose start i/N lies outside it is unguided (one network call)."""
     b = noise.shape[0]
     dt = 1.0 / num_steps
     d = jnp.full((b,), d_cond, jnp.float32)
 
     def step(i, x):
         t = jnp.full((b,), i * dt, jnp.float32)
-        return x + dt * guided_velocity(apply_fn, params, x, t, d, labels, cfg_scale, null_class)
+        if interval is None or cfg_scale == 1.0:
+            return x + dt * guided_velocity(apply_fn, params, x, t, d, labels, cfg_scale, null_class)
+        v = jax.lax.cond(guidance.in_interval(i * dt, interval),
+                         lambda: guided_velocity(apply_fn, params, x, t, d, labels, cfg_scale, null_class),
+                         lambda: apply_fn(params, x, t, d, labels))
+        return x + dt * v
 
     return jax.lax.fori_loop(0, num_steps, step, noise)
 
@@ -269,6 +276,31 @@ class ShortcutConfig(MethodConfig):
         "sample, as MeanFlow and ESC)")
     weighting_p: float = Field(default=1.0, ge=0, description="adaptive: the power p")
     weighting_c: float = Field(default=1e-3, gt=0, description="adaptive: the constant c")
+    guidance: Literal["cfg", "intrinsic"] = Field(
+        default="cfg", description="cfg: classifier-free guidance at sampling (two network calls per guided step) "
+        "and, with bootstrap_cfg, in the finest bootstrap level (the paper); intrinsic (iSM): the guidance scale w "
+        "is an input of the network, drawn per row on the grid guidance_range, guidance_step, the flow rows' target "
+        "is guided at w and the bootstrap targets are built at w, so sampling at w is one call per step (needs "
+        "classes)")
+    guidance_range: tuple[float, float] = Field(default=(0.0, 3.5), description="intrinsic: [w_min, w_max], the "
+                                                "range of w drawn in training")
+    guidance_step: float = Field(default=0.25, gt=0, description="intrinsic: w is uniform on the grid "
+                                 "w_min, w_min + guidance_step, .., w_max")
+    guidance_interval: tuple[float, float] | None = Field(
+        default=None, description="[t_lo, t_hi] in this framework's time (t = 0 noise, t = 1 data): guidance only "
+        "for t inside it, w = 1 outside, in the training targets and in sampling (interval guidance; needs classes)")
+
+    @model_validator(mode="after")
+    def _check_guidance(self):
+        if not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
+            raise ValueError(f"guidance_range {list(self.guidance_range)}: needs 0 <= w_min <= w_max")
+        lo_hi = self.guidance_interval
+        if lo_hi is not None and not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+            raise ValueError(f"guidance_interval {list(lo_hi)}: needs 0 <= t_lo < t_hi <= 1")
+        if self.guidance == "intrinsic" and self.bootstrap_cfg:
+            raise ValueError("guidance: intrinsic builds the bootstrap targets at each row's own w; bootstrap_cfg "
+                             "(a fixed cfg_scale in the finest level) must be false")
+        return self
 
 
 class ShortcutObjective(Objective):
@@ -277,6 +309,16 @@ class ShortcutObjective(Objective):
     Bootstrap rows, for level k (d = 2^-k, k = 0 .. log2(M) - 1) and t on the grid of multiples of d:
         v1 = s(x_t, t, d/2);  x' = x_t + (d/2) v1;  v2 = s(x', t + d/2, d/2);  target = (v1 + v2) / 2
     computed with the EMA parameters (or the online ones) under stop_gradient.
+
+    Guidance (docs/methods.md). `guidance: cfg` (the paper): classifier-free guidance at sampling, and with
+    bootstrap_cfg a fixed scale in the finest level, which the targets then carry up (and, iSM finds, compound
+    over) the levels. `guidance: intrinsic` (iSM, "Improved Training Technique for Shortcut Models", NeurIPS
+    2025, arXiv 2510.21250): w is an input of the network (`guidance_scale`, zero-initialised), drawn per row
+    uniformly on the grid `guidance_range` / `guidance_step`; the flow rows regress onto
+        (x1 - x0) + (w - 1) (s(x_t, t, 1/M | y, 1) - s(x_t, t, 1/M | null, 1))     (no gradient; `_guide_flow`)
+    and the bootstrap rows onto two half steps of s(., ., d/2 | y, w) at their own w, so sampling at w is one
+    call per step. `guidance_interval` [t_lo, t_hi] (Kynkäänniemi et al. 2024, arXiv 2404.07724, as iSM): w = 1
+    outside the interval, in the flow rows' targets and in CFG sampling; our time, t = 0 noise, t = 1 data.
     """
 
     Config = ShortcutConfig
@@ -294,7 +336,19 @@ class ShortcutObjective(Objective):
         if cfg.loss == "wavelet" and any(n % 2 ** cfg.wavelet_levels for n in spec.input_shape[:2]):
             raise InputError(f"{spec.name}: method.wavelet_levels: 2^{cfg.wavelet_levels} must divide the model "
                              f"input's height and width {spec.input_shape[:2]}")
+        if spec.data.num_classes == 0:
+            if cfg.guidance == "intrinsic":
+                raise KeyedValueError("method.guidance", "intrinsic guidance needs class labels (the data is "
+                                      "unconditional); use cfg")
+            if cfg.guidance_interval is not None:
+                raise KeyedValueError("method.guidance_interval", "interval guidance needs class labels (the data "
+                                      "is unconditional, nothing is guided); leave it unset")
         return super().from_spec(spec)
+
+    @classmethod
+    def network_options(cls, config: ShortcutConfig) -> dict:
+        """Intrinsic guidance conditions the network on w (shortcut/model.py's extra conditioning, zero-initialised)."""
+        return {"conditioning": (guidance.GUIDANCE_SCALE,)} if config.guidance == "intrinsic" else {}
 
     def bootstrap_size(self, batch_size: int) -> int:
         return int(round(batch_size * self.config.bootstrap_fraction))
@@ -351,11 +405,18 @@ class ShortcutObjective(Objective):
             x0 = pairing.pair_noise(k_pair, jax.random.normal(k_draw, images.shape, images.dtype), images,
                                     cfg.ot_pairing, epsilon=cfg.ot_epsilon)
         nb = self.bootstrap_size(b)
+        teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
+        intrinsic = cfg.guidance == "intrinsic"
+        w = (guidance.grid_guidance(jax.random.fold_in(key, 4), b, *cfg.guidance_range, cfg.guidance_step)
+             if intrinsic else None)  # each row's guidance scale (intrinsic guidance)
         if nb == 0:
-            return flow_targets(key, images, labels, **flow_kw, t=self._flow_times(key, b), x0=x0)
+            flow = flow_targets(key, images, labels, **flow_kw, t=self._flow_times(key, b), x0=x0)
+            return self._guide_flow(ctx.apply_fn, teacher, flow, labels, w) if intrinsic else flow
         k_flow, k_t, k_noise = jax.random.split(key, 3)
         flow = flow_targets(k_flow, images[nb:], labels[nb:], **flow_kw, t=self._flow_times(k_flow, b - nb),
                             x0=None if x0 is None else x0[nb:])
+        if intrinsic:
+            flow = self._guide_flow(ctx.apply_fn, teacher, flow, labels[nb:], w[nb:])
 
         levels = self.bootstrap_levels(nb)
         d = jnp.asarray(2.0 ** -levels, jnp.float32)
@@ -363,11 +424,33 @@ class ShortcutObjective(Objective):
         x1, y = images[:nb], labels[:nb]
         x0 = jax.random.normal(k_noise, x1.shape, x1.dtype) if x0 is None else x0[:nb]
         x_t = interpolate(x0, x1, t)
-        teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
         first = self.split_points(jax.random.fold_in(key, 2), levels)
-        v = jax.lax.stop_gradient(self.bootstrap_target(ctx.apply_fn, teacher, x_t, t, levels, y, first=first))
-        boot = Targets(x_t, t, d, y, v, jnp.ones((nb,), jnp.int32))
-        return Targets(*(jnp.concatenate([a, f]) for a, f in zip(boot[:6], flow[:6])))
+        cond = {guidance.GUIDANCE_SCALE: w[:nb]} if intrinsic else None
+        v = jax.lax.stop_gradient(self.bootstrap_target(ctx.apply_fn, teacher, x_t, t, levels, y, first=first,
+                                                        cond=cond))
+        boot = Targets(x_t, t, d, y, v, jnp.ones((nb,), jnp.int32), cond=cond)
+        both = Targets(*(jnp.concatenate([a, f]) for a, f in zip(boot[:6], flow[:6])))
+        if intrinsic:
+            both = both._replace(cond={k: jnp.concatenate([boot.cond[k], flow.cond[k]]) for k in boot.cond})
+        return both
+
+    def _guide_flow(self, apply_fn: ApplyFn, params, flow: Targets, labels: jax.Array, w: jax.Array) -> Targets:
+        """Intrinsic guidance's flow rows: the target guided at the row's w (1 outside the guidance interval),
+            v = (x1 - x0) + (w - 1) (s(x_t, t, 1/M | y, w = 1) - s(x_t, t, 1/M | null, w = 1)),
+        both velocities from `params` (the bootstrap targets' parameters) without gradient; its expectation
+        over the data is the guided velocity v_u + w (v_c - v_u). Rows whose label was dropped keep x1 - x0
+        and are conditioned on w = 1 (the unconditional, unguided velocity the guidance is built from)."""
+        n = flow.x_t.shape[0]
+        dropped = flow.labels == self.null_class
+        w_in = jnp.where(dropped, 1.0, w)  # the network's input: the row's w (the interval is part of what w means)
+        scale = jnp.where(dropped, 1.0, guidance.interval_scale(w, flow.t, self.config.guidance_interval))
+        ones = {guidance.GUIDANCE_SCALE: jnp.ones((2 * n,), jnp.float32)}
+        cat = lambda a: jnp.concatenate([a, a])  # noqa: E731
+        both = apply_fn(params, cat(flow.x_t), cat(flow.t), cat(flow.d),
+                        jnp.concatenate([labels, jnp.full_like(labels, self.null_class)]), cond=ones)
+        v_c, v_u = jnp.split(jax.lax.stop_gradient(both), 2)
+        v = guidance.guided_target(flow.v, v_c, v_u, scale - 1)
+        return flow._replace(v=v, cond={guidance.GUIDANCE_SCALE: w_in})
 
     def _flow_times(self, key: jax.Array, n: int) -> jax.Array | None:
         """Flow rows' t by `t_sampling`; None (flow_targets' own uniform draw) for uniform."""
@@ -376,9 +459,11 @@ class ShortcutObjective(Objective):
         return self.grid_times(jax.random.fold_in(key, 3), jnp.full((n,), self.config.denoise_timesteps))
 
     def bootstrap_target(self, apply_fn: ApplyFn, params, x_t: jax.Array, t: jax.Array, levels: np.ndarray,
-                         labels: jax.Array, first: jax.Array | None = None) -> jax.Array:
+                         labels: jax.Array, first: jax.Array | None = None, cond: dict | None = None) -> jax.Array:
         """The self-consistency target for rows at static `levels` (finest first, as from `bootstrap_levels`),
-        clipped like the official code; with bootstrap_cfg the finest level's rows are guided with cfg_scale.
+        clipped like the official code; with bootstrap_cfg the finest level's rows are guided with cfg_scale
+        (inside `guidance_interval` only, each sub-step by its own start time). `cond`: the network's extra
+        inputs for both sub-steps (intrinsic guidance: each row's own w).
 
         Two steps of sizes a = `first` and d - a: v1 = s(x_t, t, a), x' = x_t + a v1, v2 = s(x', t + a, d - a),
         target = (a v1 + (d - a) v2) / d; with `first` None, a = d/2 and the target is (v1 + v2) / 2 (the paper).
@@ -387,7 +472,7 @@ class ShortcutObjective(Objective):
         d = jnp.asarray(2.0 ** -np.asarray(levels), jnp.float32)
         a = d / 2 if first is None else first
         n_cfg = int(np.sum(levels == self.num_levels - 1)) if cfg.bootstrap_cfg else 0
-        velocity = functools.partial(self._velocity, apply_fn, params, n_cfg=n_cfg)
+        velocity = functools.partial(self._velocity, apply_fn, params, n_cfg=n_cfg, cond=cond)
         v1 = velocity(x_t, t, a, labels)
         x_mid = self._clip(x_t + expand(a, x_t) * v1)
         v2 = velocity(x_mid, t + a, d - a, labels)
@@ -405,12 +490,24 @@ class ShortcutObjective(Objective):
             rows = rows * losses.adaptive_weight(rows * np.prod(pred.shape[1:]), cfg.weighting_p, cfg.weighting_c)
         return rows
 
-    def _velocity(self, apply_fn, params, x, t, d, labels, *, n_cfg: int) -> jax.Array:
-        """The network's velocity; the first n_cfg rows (the finest level) with CFG scale w."""
+    def _velocity(self, apply_fn, params, x, t, d, labels, *, n_cfg: int, cond: dict | None = None) -> jax.Array:
+        """The network's velocity; the first n_cfg rows (the finest level) with CFG scale w (1 outside the
+        guidance interval)."""
+        if cond is not None:
+            return apply_fn(params, x, t, d, labels, cond=cond)
         if n_cfg == 0:
             return apply_fn(params, x, t, d, labels)
-        guided = guided_velocity(apply_fn, params, x[:n_cfg], t[:n_cfg], d[:n_cfg], labels[:n_cfg],
-                                 self.config.cfg_scale, self.null_class)
+        interval = self.config.guidance_interval
+        if interval is None:
+            guided = guided_velocity(apply_fn, params, x[:n_cfg], t[:n_cfg], d[:n_cfg], labels[:n_cfg],
+                                     self.config.cfg_scale, self.null_class)
+        else:
+            both = apply_fn(params, jnp.concatenate([x[:n_cfg]] * 2), jnp.concatenate([t[:n_cfg]] * 2),
+                            jnp.concatenate([d[:n_cfg]] * 2),
+                            jnp.concatenate([labels[:n_cfg], jnp.full_like(labels[:n_cfg], self.null_class)]))
+            c, u = jnp.split(both, 2)
+            scale = guidance.interval_scale(jnp.float32(self.config.cfg_scale), t[:n_cfg], interval)
+            guided = guidance.guided_target(u, c, u, scale)
         rest = apply_fn(params, x[n_cfg:], t[n_cfg:], d[n_cfg:], labels[n_cfg:])
         return jnp.concatenate([guided, rest])
 
@@ -420,6 +517,22 @@ class ShortcutObjective(Objective):
 
     def sample(self, apply_fn: ApplyFn, params, noise: jax.Array, labels: jax.Array, num_steps: int, *,
                cfg_scale: float = 1.0) -> jax.Array:
-        """N Euler steps, each conditioned on its own step size d = 1/N."""
+        """N Euler steps, each conditioned on its own step size d = 1/N. Intrinsic guidance: the network at
+        w = cfg_scale, one call per step (the interval is part of what the network learned for w); cfg: guided
+        steps (inside `guidance_interval`, if set) call the network twice, conditional and unconditional."""
+        if self.config.guidance == "intrinsic":
+            cond = {guidance.GUIDANCE_SCALE: jnp.full((noise.shape[0],), cfg_scale, jnp.float32)}
+            at_w = lambda params, x, t, d, y: apply_fn(params, x, t, d, y, cond=cond)  # noqa: E731
+            return euler_sample(at_w, params, noise, labels, num_steps, d_cond=1.0 / num_steps, cfg_scale=1.0,
+                                null_class=self.null_class)
         return euler_sample(apply_fn, params, noise, labels, num_steps, d_cond=1.0 / num_steps,
-                            cfg_scale=cfg_scale, null_class=self.null_class)
+                            cfg_scale=cfg_scale, null_class=self.null_class, interval=self.config.guidance_interval)
+
+    def network_evaluations(self, num_steps: int, cfg_scale: float = 1.0) -> int:
+        """Network calls per sample: one per step with intrinsic guidance; with cfg, two for each guided step
+        (every step, or the steps whose start i/N lies in `guidance_interval`)."""
+        if self.config.guidance == "intrinsic" or cfg_scale == 1.0:
+            return num_steps
+        starts = jnp.arange(num_steps) * (1.0 / num_steps)  # as euler_sample computes i * dt
+        guided = np.asarray(guidance.in_interval(starts, self.config.guidance_interval))
+        return num_steps + int(guided.sum())

@@ -38,7 +38,9 @@ KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_
                         **{("method", k): v for k, v in (
                             ("split", "half"), ("t_sampling", "uniform"), ("t_mean", 0.0), ("t_std", 1.0),
                             ("ot_pairing", "none"), ("ot_epsilon", 0.05), ("loss", "l2"), ("wavelet_levels", 1),
-                            ("loss_weighting", "none"), ("weighting_p", 1.0), ("weighting_c", 1e-3))}}
+                            ("loss_weighting", "none"), ("weighting_p", 1.0), ("weighting_c", 1e-3),
+                            ("guidance", "cfg"), ("guidance_range", [0.0, 3.5]), ("guidance_step", 0.25),
+                            ("guidance_interval", None))}}
 TEACHER_SPEC = "teacher_spec"  # in a self-contained tree (Spec.to_tree): the teacher's own resolved tree
 
 
@@ -397,7 +399,7 @@ class Spec(_Section):
         for key in LATENT_KEYS_NOT_HASHED:  # where files are and how they are batched do not change the model
             (content["data"].get("latent") or {}).pop(key, None)
         for (section, key), earlier in KEYS_HASHED_WHEN_SET.items():
-            if content[section].get(key) == earlier:
+            if key in content[section] and content[section][key] == earlier:
                 del content[section][key]
         if self.smoke:
             content["smoke"] = True
