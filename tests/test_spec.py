@@ -223,7 +223,7 @@ def test_console_script_reports_without_traceback():
 
 def test_every_paper_spec_trains_on_32x32x4_latents_with_patch_2():
     paper = [n for n in list_specs() if n.startswith(("celeba_", "imagenet_"))]
-    assert len(paper) == 25
+    assert len(paper) == 27
     for name in paper:
         s = load_spec(name)
         assert s.data.latent.autoencoder == "sd-vae-ft-mse" and s.data.latent.scale == 0.18215, name
