@@ -14,8 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO / "results" / "paper" / "published.csv"
 COLUMNS = ["table", "experiment", "method", "source", "dataset", "model", "budget", "nfe", "metric", "value", "note"]
 
-# Ablation rows for iSM's two guidance components: their experiment specs are being added by another change
-# (experiments/<name>.yaml does not exist yet); drop a name from here once its spec lands.
+
 def _published() -> pd.DataFrame:
     return pd.read_csv(PUBLISHED, comment="#")
 
