@@ -7,9 +7,10 @@
 Times `shortcut.pairing.pair_noise` jit-compiled (the compile excluded), for `none` (no pairing: the
 baseline), `exact` (SciPy's assignment through a host callback) and `sinkhorn` (OTT-JAX, epsilon 0.05 of
 the mean cost): wall-clock milliseconds and, in brackets, this process's CPU milliseconds (all its
-threads; on a shared machine the wall clock includes waiting for the cores). With a pool K (`method.ot_pool`) one pairing covers K * batch rows and serves K steps: the
-line gives the milliseconds per solve and per step (a solve over K). The whole train step's cost shows in a
-run's `steps_per_sec` (docs/methods.md).
+threads; on a shared machine the wall clock includes waiting for the cores). With a pool K
+(`method.ot_pool`) one pairing covers K * batch rows and serves K steps: the line gives the milliseconds
+per solve and per step (a solve over K). The whole train step's cost shows in a run's `steps_per_sec`
+(docs/methods.md).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def pair_noise(key: jax.Array, x0: jax.Array, x1: jax.Array, pairing: Pairing, *
 class PooledNoise(BatchIterator):
     """The batches of `inner`, each with "noise" paired with its "image" rows by one `pairing` solved over
     the pool of `pool` consecutive batches (module docstring). Pool n's noise and pairing key come from
-    (seed, n), so a restored position rebuilds its pool and skips the batches already consumed."""
+    (seed, process index, n), so a restored position rebuilds its pool and skips the batches already consumed."""
 
     def __init__(self, inner: BatchIterator, *, pool: int, pairing: Pairing, epsilon: float, seed: int):
         if pool < 2 or pairing == "none":
@@ -95,7 +95,8 @@ class PooledNoise(BatchIterator):
         self._next += 1
         batches = [next(self.inner) for _ in range(self._k)]
         data = np.concatenate([b["image"] for b in batches])
-        k_draw, k_pair = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self._seed), self._current))
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self._seed), jax.process_index()), self._current)
+        k_draw, k_pair = jax.random.split(key)
         noise = np.asarray(self._pair(k_pair, jax.random.normal(k_draw, data.shape, data.dtype), data))
         self._ready = [{**b, "noise": part} for b, part in zip(batches, np.split(noise, self._k))]
 

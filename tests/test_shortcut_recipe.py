@@ -87,7 +87,8 @@ def test_a_pooled_assignment_costs_no_more_than_the_per_batch_ones_and_uses_each
         np.testing.assert_array_equal(x["image"], want["image"])
         np.testing.assert_array_equal(x["label"], want["label"])
     # the noise is one draw of k * b rows, each used once (a permutation of the draw)
-    k_draw, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    process_0 = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    k_draw, _ = jax.random.split(jax.random.fold_in(process_0, 0))  # pool 0
     drawn = np.asarray(jax.random.normal(k_draw, data.shape)).reshape(k * b, -1)
     assert sorted(map(tuple, noise.reshape(k * b, -1).round(5))) == sorted(map(tuple, drawn.round(5)))
     # the pooled cost is the optimum over the whole pool, and no more than pairing each batch alone
