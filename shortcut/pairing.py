@@ -10,11 +10,11 @@ called from inside the jit-compiled step through `jax.pure_callback`; `sinkhorn`
 solver, traced into the step itself. A permutation keeps the noise marginal exactly N(0, I) (every noise
 row is used once); a Sinkhorn draw may reuse a noise row, as in Tong et al.'s OT-CFM.
 
-Pooling (`ot_pool` K > 1, iSM's "scaling optimal transport", arXiv 2510.21250): `PooledNoise` takes K
-consecutive batches of B from the data stream, draws K*B noise rows, solves one pairing over the K*B
-noise and data rows, and hands the K batches back in their order, each with its paired noise under
-"noise": one solve every K steps, every data row used once, each in its own batch. The pool is per
-process (K times the per-process batch).
+Pooling (`ot_pool` K > 1, iSM's "scaling optimal transport", arXiv 2510.21250, as secondary summaries of
+the paper describe it): `PooledNoise` takes K consecutive batches of B from the data stream, draws K*B
+noise rows, solves one pairing over the K*B noise and data rows, and hands the K batches back in their
+order, each with its paired noise under "noise": one solve every K steps, every data row used once, each
+in its own batch. The pool is per process (K times the per-process batch).
 """
 
 from __future__ import annotations
