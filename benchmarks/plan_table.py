@@ -26,7 +26,10 @@ sys.path.insert(0, str(REPO))
 SPECS = ["celeba_ditb_shortcut", "celeba_ditb_flow", "celeba_ditb_progressive_distillation", "celeba_ditb_meanflow",
          "celeba_ditb_live_reflow", "imagenet_ditb_shortcut", "imagenet_ditb_flow",
          "imagenet_ditb_progressive_distillation", "imagenet_ditb_meanflow", "imagenet_ditb_live_reflow",
-         "imagenet_ditxl_shortcut"]
+         "imagenet_ditxl_shortcut",
+         # the continuous-time methods (forward-mode derivatives: more activation memory, not more state)
+         *(f"{data}_ditb_{method}" for data in ("celeba", "imagenet") for method in (
+             "improved_meanflow", "consistency_training_continuous", "consistency_distillation_continuous"))]
 TOPOLOGIES = ["tpu:v3-8", "tpu:v4-8", "tpu:v5e-4"]
 SHARDINGS = ["dp", "fsdp"]
 START, END = "<!-- plan-table:start -->", "<!-- plan-table:end -->"

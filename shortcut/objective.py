@@ -26,9 +26,9 @@ Choices where the paper and the official code differ (official default kept unle
     (`bootstrap_clip`, None disables it).
 
 Later recipe choices, each a key whose default is the paper's recipe (docs/methods.md, "The shortcut
-design space"): `split`, `t_sampling`, `ot_pairing`, `loss`, `loss_weighting`, `guidance` (iSM's intrinsic
-guidance, w an input of the network) and `guidance_interval`; twin EMA is `optimizer.ema_decay` given as a
-list (shortcut/train.py).
+design space"): `split`, `t_sampling`, `ot_pairing` (and `ot_pool`), `loss`, `loss_weighting`, `guidance`
+(iSM's intrinsic guidance, w an input of the network) and `guidance_interval`; twin EMA is
+`optimizer.ema_decay` given as a list (shortcut/train.py).
 """
 
 from __future__ import annotations
@@ -266,6 +266,9 @@ class ShortcutConfig(MethodConfig):
         "minibatch optimal assignment, SciPy) or sinkhorn (entropic OT, OTT-JAX)")
     ot_epsilon: float = Field(default=0.05, gt=0, description="sinkhorn: entropic regularisation, relative to the "
                               "mean squared distance")
+    ot_pool: int = Field(default=1, ge=1, description="K: solve one pairing over K consecutive batches' noise and "
+                         "data, then train on them in turn (iSM's pooled OT, shortcut/pairing.py); 1: each batch "
+                         "alone")
     loss: Literal["l2", "wavelet"] = Field(default="l2", description="l2 (mean squared error) or wavelet (iSM's "
                                            "multi-level Haar loss of the error, shortcut/losses.py)")
     wavelet_levels: int = Field(default=1, ge=1, description="wavelet: levels of the Haar transform (2^levels "
@@ -333,6 +336,9 @@ class ShortcutObjective(Objective):
     @classmethod
     def from_spec(cls, spec) -> "ShortcutObjective":
         cfg = spec.method
+        if cfg.ot_pool > 1 and cfg.ot_pairing == "none":
+            raise InputError(f"{spec.name}: method.ot_pool: {cfg.ot_pool} pools batches for a pairing; set "
+                             f"method.ot_pairing to exact or sinkhorn, or ot_pool to 1")
         if cfg.loss == "wavelet" and any(n % 2 ** cfg.wavelet_levels for n in spec.input_shape[:2]):
             raise InputError(f"{spec.name}: method.wavelet_levels: 2^{cfg.wavelet_levels} must divide the model "
                              f"input's height and width {spec.input_shape[:2]}")
@@ -349,6 +355,18 @@ class ShortcutObjective(Objective):
     def network_options(cls, config: ShortcutConfig) -> dict:
         """Intrinsic guidance conditions the network on w (shortcut/model.py's extra conditioning, zero-initialised)."""
         return {"conditioning": (guidance.GUIDANCE_SCALE,)} if config.guidance == "intrinsic" else {}
+
+    def training_data(self, dataset, *, spec, teacher, rundir, log) -> Any:
+        """The dataset; with `ot_pool` K > 1, its batches with noise paired over pools of K (pairing.PooledNoise)."""
+        cfg = self.config
+        if cfg.ot_pool == 1:
+            return dataset()
+        return pairing.PooledNoise(dataset(), pool=cfg.ot_pool, pairing=cfg.ot_pairing, epsilon=cfg.ot_epsilon,
+                                   seed=spec.seed)
+
+    def batch_inputs(self, image, label) -> dict:
+        """With `ot_pool` K > 1 a batch carries its pooled, paired "noise" (the image's shape)."""
+        return super().batch_inputs(image, label) | ({"noise": image} if self.config.ot_pool > 1 else {})
 
     def bootstrap_size(self, batch_size: int) -> int:
         return int(round(batch_size * self.config.bootstrap_fraction))
@@ -399,8 +417,8 @@ class ShortcutObjective(Objective):
         images, labels = batch["image"], batch["label"]
         b = images.shape[0]
         flow_kw = dict(m=cfg.denoise_timesteps, class_dropout=cfg.class_dropout, null_class=self.null_class)
-        x0 = None  # the noise, drawn in flow_targets and below unless it is paired with the data here
-        if cfg.ot_pairing != "none":
+        x0 = batch.get("noise")  # paired over a pool of batches (pairing.PooledNoise), or drawn here or below
+        if x0 is None and cfg.ot_pairing != "none":
             k_pair, k_draw = jax.random.split(jax.random.fold_in(key, 1))
             x0 = pairing.pair_noise(k_pair, jax.random.normal(k_draw, images.shape, images.dtype), images,
                                     cfg.ot_pairing, epsilon=cfg.ot_epsilon)

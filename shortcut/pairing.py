@@ -9,6 +9,12 @@ Solvers: `exact` is SciPy's `linear_sum_assignment` (a shortest augmenting path 
 called from inside the jit-compiled step through `jax.pure_callback`; `sinkhorn` is OTT-JAX's Sinkhorn
 solver, traced into the step itself. A permutation keeps the noise marginal exactly N(0, I) (every noise
 row is used once); a Sinkhorn draw may reuse a noise row, as in Tong et al.'s OT-CFM.
+
+Pooling (`ot_pool` K > 1, iSM's "scaling optimal transport", arXiv 2510.21250, as secondary summaries of
+the paper describe it): `PooledNoise` takes K consecutive batches of B from the data stream, draws K*B
+noise rows, solves one pairing over the K*B noise and data rows, and hands the K batches back in their
+order, each with its paired noise under "noise": one solve every K steps, every data row used once, each
+in its own batch. The pool is per process (K times the per-process batch).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from shortcut.data.iterators import Batch, BatchIterator, pack_state, unpack_state
 
 Pairing = Literal["none", "exact", "sinkhorn"]
 
@@ -60,3 +68,52 @@ def pair_noise(key: jax.Array, x0: jax.Array, x1: jax.Array, pairing: Pairing, *
     cost = jax.lax.stop_gradient(squared_distances(x0, x1))
     order = exact_order(cost) if pairing == "exact" else sinkhorn_order(key, cost, epsilon)
     return x0[order]
+
+
+class PooledNoise(BatchIterator):
+    """The batches of `inner`, each with "noise" paired with its "image" rows by one `pairing` solved over
+    the pool of `pool` consecutive batches (module docstring). Pool n's noise and pairing key come from
+    (seed, process index, n), so a restored position rebuilds its pool and skips the batches already consumed."""
+
+    def __init__(self, inner: BatchIterator, *, pool: int, pairing: Pairing, epsilon: float, seed: int):
+        if pool < 2 or pairing == "none":
+            raise ValueError(f"a noise pool needs pool >= 2 and a pairing, got pool {pool}, pairing {pairing!r}")
+        super().__init__(inner.info, {"kind": "ot_pool", "pool": pool, "pairing": pairing, "epsilon": epsilon,
+                                      "seed": seed})
+        self.inner, self._k, self._seed = inner, pool, seed
+        self._pair = jax.jit(lambda key, x0, x1: pair_noise(key, x0, x1, pairing, epsilon=epsilon))
+        self._next, self._current, self._start, self._ready = 0, 0, b"", []
+
+    def __next__(self) -> Batch:
+        if not self._ready:
+            self._fill()
+        return self._ready.pop(0)
+
+    def _fill(self) -> None:
+        """Take the next `pool` batches from `inner` and pair their rows with fresh noise in one solve."""
+        self._start, self._current = self.inner.get_state(), self._next
+        self._next += 1
+        batches = [next(self.inner) for _ in range(self._k)]
+        data = np.concatenate([b["image"] for b in batches])
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self._seed), jax.process_index()), self._current)
+        k_draw, k_pair = jax.random.split(key)
+        noise = np.asarray(self._pair(k_pair, jax.random.normal(k_draw, data.shape, data.dtype), data))
+        self._ready = [{**b, "noise": part} for b, part in zip(batches, np.split(noise, self._k))]
+
+    def get_state(self) -> bytes:
+        if not self._ready:  # between pools
+            meta, inner = {"index": self._next, "used": 0}, self.inner.get_state()
+        else:
+            meta, inner = {"index": self._current, "used": self._k - len(self._ready)}, self._start
+        return pack_state({"kind": "ot_pool", "fingerprint": self._fingerprint, **meta}, {"inner": inner})
+
+    def set_state(self, state: bytes) -> None:
+        meta, files = unpack_state(state)
+        if meta.get("kind") != "ot_pool":
+            raise ValueError(f"Iterator state of kind {meta.get('kind')!r}, expected 'ot_pool'")
+        self._check_fingerprint(meta)
+        self.inner.set_state(files["inner"])
+        self._next, self._ready = int(meta["index"]), []
+        if meta["used"]:
+            self._fill()
+            del self._ready[: int(meta["used"])]

@@ -14,6 +14,9 @@ from scipy import stats
 
 from shortcut import losses, pairing
 from shortcut.checkpoint import Checkpointer
+from shortcut.data.info import DatasetInfo
+from shortcut.data.iterators import BatchIterator
+from shortcut.errors import InputError
 from shortcut.objective import Context, ShortcutConfig, ShortcutObjective
 from shortcut.spec_files import load_spec
 from shortcut.train import TrainState, checkpoint_tree, fresh_emas, resume, update_emas
@@ -46,6 +49,90 @@ def test_sinkhorn_pairing_recovers_a_hidden_permutation():
     x0 = x1[perm] + 0.01 * jax.random.normal(jax.random.PRNGKey(4), x1.shape)
     paired = pairing.pair_noise(jax.random.PRNGKey(5), x0, x1, "sinkhorn", epsilon=0.01)
     np.testing.assert_allclose(np.asarray(paired), np.asarray(x0[np.argsort(perm)]))
+
+
+class _Batches(BatchIterator):
+    """Batch i depends only on i (a restorable position), rows of 2 x 2 x 1."""
+
+    def __init__(self, b: int):
+        super().__init__(DatasetInfo("toy", (2, 2, 1), 10, 100), {"b": b})
+        self.b, self.i = b, 0
+
+    def __next__(self):
+        self.i += 1
+        x = np.asarray(jax.random.normal(jax.random.PRNGKey(100 + self.i), (self.b, 2, 2, 1)))
+        return {"image": x, "label": np.full(self.b, self.i, np.int32)}
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.i).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.i = json.loads(state)
+
+
+def _cost(noise, data) -> float:
+    return float(np.sum((np.asarray(noise) - np.asarray(data)) ** 2))
+
+
+def test_a_pooled_assignment_costs_no_more_than_the_per_batch_ones_and_uses_each_row_once():
+    k, b = 2, 4  # a pool of 8 rows: brute force over all 8! assignments
+    pooled = pairing.PooledNoise(_Batches(b), pool=k, pairing="exact", epsilon=0.05, seed=0)
+    batches = [next(pooled) for _ in range(k)]
+    data = np.concatenate([x["image"] for x in batches])
+    noise = np.concatenate([x["noise"] for x in batches])
+    # the data come through unchanged, each batch once, in order, with its labels
+    fresh = _Batches(b)
+    for x in batches:
+        want = next(fresh)
+        np.testing.assert_array_equal(x["image"], want["image"])
+        np.testing.assert_array_equal(x["label"], want["label"])
+    # the noise is one draw of k * b rows, each used once (a permutation of the draw)
+    process_0 = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    k_draw, _ = jax.random.split(jax.random.fold_in(process_0, 0))  # pool 0
+    drawn = np.asarray(jax.random.normal(k_draw, data.shape)).reshape(k * b, -1)
+    assert sorted(map(tuple, noise.reshape(k * b, -1).round(5))) == sorted(map(tuple, drawn.round(5)))
+    # the pooled cost is the optimum over the whole pool, and no more than pairing each batch alone
+    cost = ((drawn[:, None] - data.reshape(1, k * b, -1)) ** 2).sum(-1)
+    best = min(cost[perm, np.arange(k * b)].sum() for perm in itertools.permutations(range(k * b)))
+    assert _cost(noise, data) == pytest.approx(best, rel=1e-5)
+    per_batch = sum(_cost(pairing.pair_noise(None, jnp.asarray(drawn[i * b:(i + 1) * b].reshape(b, 2, 2, 1)),
+                                             jnp.asarray(data[i * b:(i + 1) * b]), "exact"), data[i * b:(i + 1) * b])
+                    for i in range(k))
+    assert _cost(noise, data) <= per_batch + 1e-5
+
+
+def test_a_pool_resumes_mid_pool_with_the_same_batches():
+    pooled = pairing.PooledNoise(_Batches(4), pool=3, pairing="sinkhorn", epsilon=0.05, seed=1)
+    for _ in range(4):  # into the second pool
+        next(pooled)
+    state = pooled.get_state()
+    expected = [next(pooled) for _ in range(4)]
+    again = pairing.PooledNoise(_Batches(4), pool=3, pairing="sinkhorn", epsilon=0.05, seed=1)
+    again.set_state(state)
+    for want, got in zip(expected, (next(again) for _ in range(4))):
+        for key in ("image", "label", "noise"):
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_ot_pool_1_is_todays_pairing_and_a_pool_needs_a_pairing():
+    spec = load_spec("digits_shortcut", ["method.ot_pairing=exact"])
+    assert load_spec("digits_shortcut", ["method.ot_pairing=exact", "method.ot_pool=1"]).hash() == spec.hash()
+    assert load_spec("digits_shortcut", ["method.ot_pairing=exact", "method.ot_pool=8"]).hash() != spec.hash()
+    data = _Batches(4)
+    one = objective(ot_pairing="exact")
+    assert one.training_data(lambda: data, spec=spec, teacher=None, rundir=None, log=print) is data
+    assert set(one.batch_inputs(1, 2)) == {"image", "label"}
+    assert set(objective(ot_pairing="exact", ot_pool=8).batch_inputs(1, 2)) == {"image", "label", "noise"}
+    with pytest.raises(InputError, match="method.ot_pool: 8 pools batches for a pairing"):
+        ShortcutObjective.from_spec(load_spec("digits_shortcut", ["method.ot_pool=8"]))
+
+
+def test_the_step_trains_on_the_pooled_noise():
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(6), (16, 4, 4, 1)), "label": jnp.arange(16) % 10,
+             "noise": jax.random.normal(jax.random.PRNGKey(9), (16, 4, 4, 1))}
+    ctx = Context(lambda p, x, t, d, y: x * 0, None, None)
+    tg = objective(ot_pairing="exact", ot_pool=4, bootstrap_fraction=0.0).targets(jax.random.PRNGKey(7), batch, ctx)
+    np.testing.assert_allclose(np.asarray(batch["image"] - tg.v), np.asarray(batch["noise"]), atol=1e-6)
 
 
 # ---------------------------------------------------------------- twin EMA
