@@ -27,6 +27,8 @@ SPECS = ["celeba_ditb_shortcut", "celeba_ditb_flow", "celeba_ditb_progressive_di
          "celeba_ditb_live_reflow", "imagenet_ditb_shortcut", "imagenet_ditb_flow",
          "imagenet_ditb_progressive_distillation", "imagenet_ditb_meanflow", "imagenet_ditb_live_reflow",
          "imagenet_ditxl_shortcut",
+         # the shortcut model with the later recipe (iSM's components; docs/methods.md)
+         "celeba_ditb_shortcut_improved", "imagenet_ditxl_shortcut_improved",
          # the continuous-time methods (forward-mode derivatives: more activation memory, not more state)
          *(f"{data}_ditb_{method}" for data in ("celeba", "imagenet") for method in (
              "improved_meanflow", "consistency_training_continuous", "consistency_distillation_continuous"))]
