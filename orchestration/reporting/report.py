@@ -36,8 +36,25 @@ def _markdown() -> MarkdownIt:
     return MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
+def _png_bytes(path: Path) -> bytes:
+    """The figure as a 256-colour PNG: the page embeds every figure, and plots need no more colours (the
+    figure files themselves stay as written)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(path).convert("RGB").quantize(256).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _markdown_section(md, path: Path) -> str:
+    """A Markdown table file as HTML, its headings one level down (the page's <h2> is the section)."""
+    return md.render(re.sub(r"^## ", "### ", path.read_text(), flags=re.MULTILINE))
+
+
 def _image(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    data = base64.b64encode(_png_bytes(path)).decode("ascii")
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
 
@@ -74,8 +91,7 @@ def write_report(tables: list, records: list[dict], out_dir: Path, spec_tables: 
             for name in (f"{t.stem}.md", f"{t.stem}_findings.md", f"budget_{t.dataset}_{t.metric}.md"):
                 path = out_dir / "tables" / name
                 if path.exists():
-                    # the page's <h2> is the dataset: the Markdown's headings go one level down
-                    body.append(md.render(re.sub(r"^## ", "### ", path.read_text(), flags=re.MULTILINE)))
+                    body.append(_markdown_section(md, path))
             for prefix, caption in FIGURES:
                 path = out_dir / "figures" / f"{prefix}_{t.dataset}_{t.metric}.png"
                 if path.exists():
@@ -92,7 +108,7 @@ def write_report(tables: list, records: list[dict], out_dir: Path, spec_tables: 
         for name in (f"{t.stem}.md", f"{t.stem}_comparisons.md"):
             path = out_dir / "tables" / name
             if path.exists():
-                body.append(md.render(re.sub(r"^## ", "### ", path.read_text(), flags=re.MULTILINE)))
+                body.append(_markdown_section(md, path))
         for prefix, caption in FIGURES:
             path = out_dir / "figures" / f"{prefix}_{t.figure_stem}.png"
             if path.exists():
