@@ -26,7 +26,7 @@ Choices where the paper and the official code differ (official default kept unle
     (`bootstrap_clip`, None disables it).
 
 Later recipe choices, each a key whose default is the paper's recipe (docs/methods.md, "The shortcut
-design space"): `split`, `t_sampling`, `ot_pairing` (and `ot_pool`), `loss`, `loss_weighting`, `guidance`
+design space"): `split`, `t_sampling`, `ot_pairing` (and `ot_pool`, `ot_classes`), `loss`, `loss_weighting`, `guidance`
 (iSM's intrinsic guidance, w an input of the network) and `guidance_interval`; twin EMA is
 `optimizer.ema_decay` given as a list (shortcut/train.py).
 """
@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from shortcut import guidance, losses, pairing
-from shortcut.errors import InputError, KeyedValueError
+from shortcut.errors import InputError
 from shortcut.methods import MethodConfig
 
 ApplyFn = Callable[..., jax.Array]  # (params, x, t, d, labels, cond=None) -> velocity
@@ -266,6 +266,10 @@ class ShortcutConfig(MethodConfig):
         "minibatch optimal assignment, SciPy) or sinkhorn (entropic OT, OTT-JAX)")
     ot_epsilon: float = Field(default=0.05, gt=0, description="sinkhorn: entropic regularisation, relative to the "
                               "mean squared distance")
+    ot_classes: Literal["across", "within"] = Field(
+        default="across", description="across: pair noise and data regardless of class (the noise a class trains "
+        "from is then not N(0, I)); within: only pairs of one class, each class's noise stays N(0, I) "
+        "(shortcut/pairing.py; needs classes)")
     ot_pool: int = Field(default=1, ge=1, description="K: solve one pairing over K consecutive batches' noise and "
                          "data, then train on them in turn (iSM's pooled OT, shortcut/pairing.py); 1: each batch "
                          "alone")
@@ -339,16 +343,23 @@ class ShortcutObjective(Objective):
         if cfg.ot_pool > 1 and cfg.ot_pairing == "none":
             raise InputError(f"{spec.name}: method.ot_pool: {cfg.ot_pool} pools batches for a pairing; set "
                              f"method.ot_pairing to exact or sinkhorn, or ot_pool to 1")
+        if cfg.ot_classes == "within" and cfg.ot_pairing == "none":
+            raise InputError(f"{spec.name}: method.ot_classes: within pairs noise and data within each class; set "
+                             f"method.ot_pairing to exact or sinkhorn")
         if cfg.loss == "wavelet" and any(n % 2 ** cfg.wavelet_levels for n in spec.input_shape[:2]):
             raise InputError(f"{spec.name}: method.wavelet_levels: 2^{cfg.wavelet_levels} must divide the model "
                              f"input's height and width {spec.input_shape[:2]}")
         if spec.data.num_classes == 0:
-            if cfg.guidance == "intrinsic":
-                raise KeyedValueError("method.guidance", "intrinsic guidance needs class labels (the data is "
-                                      "unconditional); use cfg")
-            if cfg.guidance_interval is not None:
-                raise KeyedValueError("method.guidance_interval", "interval guidance needs class labels (the data "
-                                      "is unconditional, nothing is guided); leave it unset")
+            unconditional = {"ot_classes": (cfg.ot_classes == "within", "within needs class labels (the data is "
+                                            "unconditional: every pair is of one class); leave it unset"),
+                             "guidance": (cfg.guidance == "intrinsic", "intrinsic guidance needs class labels (the "
+                                          "data is unconditional); use cfg"),
+                             "guidance_interval": (cfg.guidance_interval is not None, "interval guidance needs "
+                                                   "class labels (the data is unconditional, nothing is guided); "
+                                                   "leave it unset")}
+            for key, (bad, why) in unconditional.items():
+                if bad:
+                    raise InputError(f"{spec.name}: method.{key}: {why}")
         return super().from_spec(spec)
 
     @classmethod
@@ -362,7 +373,7 @@ class ShortcutObjective(Objective):
         if cfg.ot_pool == 1:
             return dataset()
         return pairing.PooledNoise(dataset(), pool=cfg.ot_pool, pairing=cfg.ot_pairing, epsilon=cfg.ot_epsilon,
-                                   seed=spec.seed)
+                                   seed=spec.seed, within_class=cfg.ot_classes == "within")
 
     def batch_inputs(self, image, label) -> dict:
         """With `ot_pool` K > 1 a batch carries its pooled, paired "noise" (the image's shape)."""
@@ -421,7 +432,8 @@ class ShortcutObjective(Objective):
         if x0 is None and cfg.ot_pairing != "none":
             k_pair, k_draw = jax.random.split(jax.random.fold_in(key, 1))
             x0 = pairing.pair_noise(k_pair, jax.random.normal(k_draw, images.shape, images.dtype), images,
-                                    cfg.ot_pairing, epsilon=cfg.ot_epsilon)
+                                    cfg.ot_pairing, epsilon=cfg.ot_epsilon,
+                                    labels=labels if cfg.ot_classes == "within" else None)
         nb = self.bootstrap_size(b)
         teacher = ctx.ema_params if cfg.bootstrap_ema else ctx.params
         intrinsic = cfg.guidance == "intrinsic"

@@ -37,7 +37,7 @@ KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_
                         # the shortcut method's design space (shortcut/objective.py, ShortcutConfig)
                         **{("method", k): v for k, v in (
                             ("split", "half"), ("t_sampling", "uniform"), ("t_mean", 0.0), ("t_std", 1.0),
-                            ("ot_pairing", "none"), ("ot_epsilon", 0.05), ("ot_pool", 1), ("loss", "l2"),
+                            ("ot_pairing", "none"), ("ot_epsilon", 0.05), ("ot_pool", 1), ("ot_classes", "across"), ("loss", "l2"),
                             ("wavelet_levels", 1), ("loss_weighting", "none"), ("weighting_p", 1.0), ("weighting_c", 1e-3),
                             ("guidance", "cfg"), ("guidance_range", [0.0, 3.5]), ("guidance_step", 0.25),
                             ("guidance_interval", None))}}

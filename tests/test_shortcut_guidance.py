@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from shortcut import guidance
-from shortcut.errors import KeyedValueError
+from shortcut.errors import InputError
 from shortcut.model import DiT, example_inputs
 from shortcut.objective import Context, ShortcutConfig, ShortcutObjective
 from shortcut.spec_files import load_spec
@@ -222,5 +222,5 @@ def test_guidance_keys_refuse_what_cannot_work():
         objective(guidance="intrinsic", bootstrap_cfg=True)
     with pytest.raises(ValueError, match="t_lo < t_hi"):
         objective(guidance_interval=(0.8, 0.2))
-    with pytest.raises(KeyedValueError, match="class labels"):
+    with pytest.raises(InputError, match="celeba_ditb_shortcut: method.guidance: intrinsic guidance needs class labels"):
         ShortcutObjective.from_spec(load_spec("celeba_ditb_shortcut", ["method.guidance=intrinsic"]))

@@ -135,6 +135,100 @@ def test_the_step_trains_on_the_pooled_noise():
     np.testing.assert_allclose(np.asarray(batch["image"] - tg.v), np.asarray(batch["noise"]), atol=1e-6)
 
 
+
+def _row_index(rows: np.ndarray, of: np.ndarray) -> list[int]:
+    """For each row of `of`, the index of the equal row of `rows`."""
+    flat = rows.reshape(len(rows), -1)
+    return [int(np.argmin(np.abs(flat - r.reshape(1, -1)).sum(1))) for r in of]
+
+
+def test_within_class_exact_pairing_reaches_the_class_respecting_optimum():
+    """Noise row i belongs to labels[i]'s class; the assignment is the cheapest of those that pair each data row
+    with a noise row of its own class (brute force over all 8! permutations, kept when they respect classes)."""
+    x0 = jax.random.normal(jax.random.PRNGKey(10), (8, 2, 2, 1))
+    x1 = jax.random.normal(jax.random.PRNGKey(11), (8, 2, 2, 1))
+    labels = jnp.asarray([0, 1, 2, 0, 1, 0, 2, 1])
+    cost = np.asarray(((x0.reshape(8, 1, -1) - x1.reshape(1, 8, -1)) ** 2).sum(-1), np.float64)
+    y = np.asarray(labels)
+    best = min(sum(cost[perm[j], j] for j in range(8)) for perm in itertools.permutations(range(8))
+               if all(y[perm[j]] == y[j] for j in range(8)))
+    paired = jax.jit(lambda a, b, c: pairing.pair_noise(None, a, b, "exact", labels=c))(x0, x1, labels)
+    assert float(jnp.sum((paired - x1) ** 2)) == pytest.approx(best, rel=1e-5)
+    source = _row_index(np.asarray(x0), np.asarray(paired))
+    assert sorted(source) == list(range(8)) and all(y[i] == y[j] for j, i in enumerate(source))
+    across = pairing.pair_noise(None, x0, x1, "exact")
+    assert _cost(across, x1) < best - 1e-3  # the class constraint binds on this batch
+
+
+def test_within_class_sinkhorn_draws_stay_in_their_class():
+    x1 = jax.random.normal(jax.random.PRNGKey(12), (12, 2, 2, 1))
+    labels = jnp.arange(12) % 3
+    x0 = x1[::-1] + 0.01 * jax.random.normal(jax.random.PRNGKey(13), x1.shape)  # nearest noise is of another class
+    y = np.asarray(labels)
+    for seed in range(5):
+        paired = pairing.pair_noise(jax.random.PRNGKey(seed), x0, x1, "sinkhorn", epsilon=0.05, labels=labels)
+        assert all(y[i] == y[j] for j, i in enumerate(_row_index(np.asarray(x0), np.asarray(paired))))
+
+
+def test_only_within_class_pairing_keeps_each_class_noise_centred():
+    """Two classes of constant images, +1 and -1, in 16 dimensions. Pairing across classes sends the noise
+    rows with the largest sum to the +1 class: their mean moves along the all-ones direction; within each class
+    the noise is a permutation of the class's own i.i.d. rows, centred (a few standard errors at most)."""
+    n, dim, batches = 32, 16, 20
+    labels = jnp.arange(n) % 2
+    x1 = jnp.where(labels[:, None] == 0, 1.0, -1.0) * jnp.ones((n, dim))
+    shift = {}
+    for mode in ("across", "within"):
+        along = []
+        for i in range(batches):
+            x0 = jax.random.normal(jax.random.PRNGKey(i), (n, dim))
+            paired = pairing.pair_noise(None, x0, x1, "exact", labels=labels if mode == "within" else None)
+            along.append(np.asarray(paired[labels == 0]).sum(1) / np.sqrt(dim))  # each row along ones / |ones|
+        shift[mode] = float(np.mean(along))  # N(0, 1) per row when centred: standard error 1 / sqrt(320)
+    assert shift["across"] > 0.5
+    assert abs(shift["within"]) < 4 / np.sqrt(batches * n / 2)
+
+
+def test_a_pool_within_classes_keeps_each_batch_on_its_own_rows():
+    """_Batches gives every row of batch i the label i: within classes, a pool pairs each batch with its own
+    block of the draw, exactly as pairing each batch alone would."""
+    k, b = 2, 4
+    pooled = pairing.PooledNoise(_Batches(b), pool=k, pairing="exact", epsilon=0.05, seed=0, within_class=True)
+    batches = [next(pooled) for _ in range(k)]
+    process_0 = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    k_draw, _ = jax.random.split(jax.random.fold_in(process_0, 0))
+    drawn = jax.random.normal(k_draw, (k * b, 2, 2, 1))
+    for i, x in enumerate(batches):
+        alone = pairing.pair_noise(None, drawn[i * b:(i + 1) * b], jnp.asarray(x["image"]), "exact")
+        np.testing.assert_allclose(x["noise"], np.asarray(alone), atol=1e-6)
+
+
+def test_ot_classes_is_hashed_only_when_within_and_needs_a_pairing_and_classes():
+    spec = load_spec("digits_shortcut", ["method.ot_pairing=exact"])
+    assert load_spec("digits_shortcut", ["method.ot_pairing=exact", "method.ot_classes=across"]).hash() == spec.hash()
+    within = load_spec("digits_shortcut", ["method.ot_pairing=exact", "method.ot_classes=within"])
+    assert within.hash() != spec.hash()
+    ShortcutObjective.from_spec(within)
+    with pytest.raises(InputError, match="method.ot_classes: within pairs noise and data within each class"):
+        ShortcutObjective.from_spec(load_spec("digits_shortcut", ["method.ot_classes=within"]))
+    with pytest.raises(InputError, match="method.ot_classes: within needs class labels"):
+        ShortcutObjective.from_spec(load_spec("digits_shortcut", ["method.ot_pairing=exact", "method.ot_classes=within",
+                                                                  "data.num_classes=0"]))
+
+
+def test_within_class_pairing_reaches_the_training_targets():
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(6), (16, 4, 4, 1)), "label": jnp.arange(16) % 2}
+    ctx = Context(lambda p, x, t, d, y: x * 0, None, None)
+    tg = objective(ot_pairing="exact", ot_classes="within", bootstrap_fraction=0.0).targets(
+        jax.random.PRNGKey(7), batch, ctx)
+    noise = np.asarray(batch["image"] - tg.v)
+    _, k_draw = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(7), 1))
+    drawn = np.asarray(jax.random.normal(k_draw, (16, 4, 4, 1)))
+    y = np.arange(16) % 2
+    source = _row_index(drawn, noise)
+    assert sorted(source) == list(range(16)) and all(y[i] == y[j] for j, i in enumerate(source))
+
+
 # ---------------------------------------------------------------- twin EMA
 
 

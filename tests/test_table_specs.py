@@ -50,6 +50,7 @@ def test_the_committed_table_specs_declare_their_comparisons():
     chain = {(c.better, c.than): c.steps for c in ablation.comparisons}
     assert chain == {("digits_shortcut_wavelet", "digits_shortcut"): (1, 4),
                      ("digits_shortcut_wavelet_ot", "digits_shortcut_wavelet"): (1, 4),
+                     ("digits_shortcut_wavelet_ot_within_class", "digits_shortcut_wavelet"): (1, 4),
                      ("digits_shortcut_wavelet_ot_twin_ema", "digits_shortcut_wavelet_ot"): (1, 4),
                      ("digits_shortcut_logit_normal", "digits_shortcut"): (1, 4),
                      ("digits_shortcut_logit_normal_adaptive", "digits_shortcut_logit_normal"): (1, 4),
@@ -119,12 +120,13 @@ def test_each_table_shows_its_own_runs_in_its_order(results, capsys):
     ablation = pd.read_csv(tables / f"{ABLATION}_fd_digits.csv")
     assert list(ablation["Method"]) == [
         "Shortcut (official recipe) (3 seeds)", "+ wavelet loss (3 seeds)", "+ wavelet loss + minibatch OT (3 seeds)",
-        "+ wavelet loss + minibatch OT + twin EMA", "logit-normal time sampling", "logit-normal + adaptive weighting",
+        "+ wavelet loss + minibatch OT within class", "+ wavelet loss + minibatch OT + twin EMA", "logit-normal time sampling", "logit-normal + adaptive weighting",
         "intrinsic guidance (w as an input)", "intrinsic + interval guidance"]
     # mean +- std over the three seeds, by hand: official 1-step 20, 21, 19 -> 20.00 +- 1.00
     assert ablation.iloc[0]["fd_digits-2k 1-step (ours)"] == "20.00 ± 1.00"
     assert ablation.iloc[1]["fd_digits-2k 1-step (ours)"] == "10.00 ± 1.50"
     assert ablation.iloc[3]["fd_digits-2k 1-step (ours)"] == "-"
+    assert ablation.iloc[4]["fd_digits-2k 1-step (ours)"] == "-"
     assert "Compute (x Shortcut (official recipe))" in ablation.columns
     assert (results / "figures" / f"steps_{ABLATION}_fd_digits.png").exists()
     index = (tables / "index.md").read_text()
@@ -138,7 +140,7 @@ def test_comparisons_get_the_findings_verdicts(results):
         assert make_tables.main(["--results-dir", str(results)]) == 0
     checks = pd.read_csv(results / "tables" / f"{ABLATION}_fd_digits_comparisons.csv")
     got = {(r.better, r.than, r.num_steps): r for r in checks.itertuples()}
-    assert len(checks) == 14  # 7 comparisons x 2 step counts
+    assert len(checks) == 16  # 8 comparisons x 2 step counts
     # wavelet vs official at 1 step: differences than - better per seed 10, 9.5, 10.5: mean 10, std 0.5,
     # t(2) interval 10 +- 4.302653 x 0.5 / sqrt(3) = [8.758, 11.242]: excludes zero with the claimed sign
     w1 = got[("digits_shortcut_wavelet", "digits_shortcut", 1)]
