@@ -2,6 +2,7 @@
 
     python benchmarks/table_wall.py /tmp/t1work                 # every run.json under the directory
     python benchmarks/table_wall.py /tmp/t1work --slots 2       # and the bound for two runs at a time
+    python benchmarks/table_wall.py /tmp/t1work --table ablation_shortcut_digits   # only that table's runs
 
 Per spec and seed: the run's own time (its record's started -> finished, inside the worker), split
 into setup (data, model, metric; for reflow also its pair generation), training and evaluation. Then
@@ -69,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", type=Path)
     p.add_argument("--slots", type=int, default=2, help="runs at a time (the bound divides by this)")
+    p.add_argument("--table", help="only the runs of this table spec (by spec hash, as `run_experiment TABLE "
+                   "--print` lists them), when the work directory holds others too")
     args = p.parse_args(argv)
     found = records(args.workdir)
+    if args.table:
+        from orchestration.execution.graph import load_table, runs_of
+
+        hashes = {key for _, key in runs_of(load_table(args.table))}
+        found = [r for r in found if r["spec_hash"] in hashes]
     if not found:
         print(f"error: no finished run records under {args.workdir}", file=sys.stderr)
         return 1

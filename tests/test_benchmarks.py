@@ -1,5 +1,5 @@
 """benchmarks/accelerator.py end to end at its --smoke size (the GPU figures come from a GPU machine), and which
-plan reports benchmarks/plan_table.py may reuse."""
+plan reports benchmarks/plan_table.py may reuse, and which runs benchmarks/table_wall.py counts."""
 
 import json
 import os
@@ -50,3 +50,28 @@ def test_plan_table_reuses_only_reports_of_the_same_spec_made_from_a_clean_commi
         report.write_text(json.dumps({"spec_hash": "abc", **fields}))
         assert reusable(report, "abc") is expected, fields
     assert not reusable(report, "another spec hash")
+
+
+def test_table_wall_counts_only_the_named_tables_runs(tmp_path, capsys):
+    from orchestration.execution.graph import load_table, runs_of
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import table_wall
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    name, key = next(k for k in runs_of(load_table("ablation_shortcut_digits")) if k[0] == "digits_shortcut_wavelet")
+    for i, (run, spec_hash, seconds) in enumerate([(name, key, 100), ("digits_flow", "0" * 64, 50)]):
+        rundir = tmp_path / run / spec_hash[:12]
+        rundir.mkdir(parents=True)
+        (rundir / "run.json").write_text(json.dumps({
+            "name": run, "spec_hash": spec_hash, "status": "finished", "spec": {"seed": i},
+            "started": "2026-12-06T00:00:00+00:00",
+            "finished": f"2026-12-06T00:{seconds // 60:02d}:{seconds % 60:02d}+00:00",
+            "timings": {"setup_s": 1.0, "train_s": seconds - 11.0, "evaluate_128": 10.0}}))
+    assert table_wall.main([str(tmp_path), "--slots", "1"]) == 0
+    assert "runs: 2;" in capsys.readouterr().out
+    assert table_wall.main([str(tmp_path), "--slots", "1", "--table", "ablation_shortcut_digits"]) == 0
+    out = capsys.readouterr().out
+    assert "runs: 1;" in out and "digits_flow" not in out and "| 100 (1 / 89 / 10) |" in out
