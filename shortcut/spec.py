@@ -41,6 +41,22 @@ KEYS_HASHED_WHEN_SET = {("model", "architecture"): "dit", ("method", "bootstrap_
                             ("wavelet_levels", 1), ("loss_weighting", "none"), ("weighting_p", 1.0), ("weighting_c", 1e-3),
                             ("guidance", "cfg"), ("guidance_range", [0.0, 3.5]), ("guidance_step", 0.25),
                             ("guidance_interval", None))}}
+
+
+def hashed_content(content: dict) -> dict:
+    """A spec's sections (a JSON dump, or a results record's spec) without what the hash leaves out: the latent
+    data's file keys and every key of KEYS_HASHED_WHEN_SET at the value earlier runs had (or absent). Sections
+    are copied; `content` is not changed."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in content.items()}
+    latent = (out.get("data") or {}).get("latent")
+    if latent:  # where files are and how they are batched do not change the model
+        out["data"]["latent"] = {k: v for k, v in latent.items() if k not in LATENT_KEYS_NOT_HASHED}
+    for (section, key), earlier in KEYS_HASHED_WHEN_SET.items():
+        if isinstance(out.get(section), dict) and key in out[section] and out[section][key] == earlier:
+            del out[section][key]
+    return out
+
+
 TEACHER_SPEC = "teacher_spec"  # in a self-contained tree (Spec.to_tree): the teacher's own resolved tree
 
 
@@ -395,12 +411,7 @@ class Spec(_Section):
 
     def hash(self) -> str:
         """Stable sha256 of the training-relevant content (see module docstring)."""
-        content = self.model_dump(mode="json", include=set(HASHED_SECTIONS))
-        for key in LATENT_KEYS_NOT_HASHED:  # where files are and how they are batched do not change the model
-            (content["data"].get("latent") or {}).pop(key, None)
-        for (section, key), earlier in KEYS_HASHED_WHEN_SET.items():
-            if key in content[section] and content[section][key] == earlier:
-                del content[section][key]
+        content = hashed_content(self.model_dump(mode="json", include=set(HASHED_SECTIONS)))
         if self.smoke:
             content["smoke"] = True
         if self.teacher is not None:

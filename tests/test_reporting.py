@@ -63,3 +63,24 @@ def test_summary_lists_a_step_count_evaluated_at_two_scales(tmp_path):
     lines = summary(record).splitlines()[1:]
     assert ["10.000" in lines[0], "12.000" in lines[1], "30.000" in lines[2]] == [True] * 3
     assert "tracking" not in summary(record, tracked=False)
+
+
+def test_runs_recorded_before_a_key_was_added_average_with_later_runs(tmp_path):
+    """A key added later (KEYS_HASHED_WHEN_SET) at the value earlier runs had leaves the config hash alone, in the
+    function and in the records load_exports reads (whatever config hash the record was exported with)."""
+    from orchestration.reporting.results import config_hash, load_exports
+    from shortcut.spec_files import load_spec
+
+    later = load_spec("digits_shortcut").model_dump(mode="json")
+    earlier = json.loads(json.dumps(later))
+    for key in ("ot_pool", "ot_classes", "guidance", "guidance_range", "guidance_step"):
+        del earlier["method"][key]
+    assert config_hash(earlier) == config_hash(later)
+    changed = json.loads(json.dumps(later))
+    changed["method"]["ot_pool"] = 4
+    assert config_hash(changed) != config_hash(later)
+    for seed, spec in enumerate((earlier, later)):
+        rec = _export(seed, 1.0) | {"spec": spec, "config_hash": f"as exported {seed}"}
+        (tmp_path / "runs" / "digits_shortcut").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / "digits_shortcut" / f"h{seed}.json").write_text(json.dumps(rec))
+    assert {r["config_hash"] for r in load_exports(tmp_path)} == {config_hash(later)}

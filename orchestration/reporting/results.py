@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from shortcut import record as record_lib
+from shortcut.spec import hashed_content
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = 1
@@ -42,8 +43,10 @@ def default_results_dir() -> Path:
 
 
 def config_hash(spec: dict) -> str:
-    """What is trained, without the seed: runs that differ only by seed share it (and are averaged)."""
-    content = {k: spec.get(k) for k in CONFIG_SECTIONS}
+    """What is trained, without the seed: runs that differ only by seed share it (and are averaged). Keys the spec
+    hash leaves out are left out here too (shortcut.spec.hashed_content), so a run recorded before a key was added
+    shares the hash of a later run that has the key at its old value."""
+    content = hashed_content({k: spec.get(k) for k in CONFIG_SECTIONS})
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -276,6 +279,8 @@ def load_exports(results_dir: str | Path | None = None) -> list[dict]:
         if rec.get("schema") != SCHEMA:
             continue
         rec["_assets_dir"] = str(f.parent / rec.get("assets", "."))
+        if isinstance(rec.get("spec"), dict):  # today's rule, also for records exported under an earlier one
+            rec["config_hash"] = config_hash(rec["spec"])
         out.append(rec)
     return out
 
