@@ -196,3 +196,16 @@ def test_published_numbers_beside_the_table_only_when_the_file_exists(results, t
         in block
     table1 = (out / "tables" / "table1_digits_fd_digits.md").read_text()
     assert "published (other scale)" not in table1
+
+
+def test_the_guided_table_retrains_nothing_new_and_evaluates_at_w_1_5_first():
+    """guidance_shortcut_digits' runs are the same trainings as the ablation's (same spec hashes, other names, so
+    their records never replace the ablation's or Table 1's), evaluated guided first and at w = 1 after."""
+    from orchestration.execution.graph import runs_of
+
+    guided = runs_of(load_table("guidance_shortcut_digits"))
+    ablation = {key: name for name, key in runs_of(load_table(ABLATION))}
+    assert len(guided) == 9
+    for (name, key), spec in guided.items():
+        assert ablation[key] == name.removesuffix("_guided")
+        assert spec.eval.cfg_scale == {128: 1.5, 4: (1.5, 1.0), 1: (1.5, 1.0)}
