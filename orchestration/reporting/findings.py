@@ -58,6 +58,10 @@ PAPER_DATASET, PAPER_ARCH, PAPER_METRIC = "celebahq256", "DiT-B/2", "fid"
 REFERENCE = "shortcut"
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n > 1 else ''}"
+
+
 @dataclasses.dataclass(frozen=True)
 class PaperFinding:
     method: str  # the method shortcut models are compared with
@@ -80,8 +84,7 @@ class PaperFinding:
 
     def statement(self, name: Callable[[str], str]) -> str:
         better, worse = (REFERENCE, self.method) if self.sign > 0 else (self.method, REFERENCE)
-        return f"{name(better)} beat{'' if better == REFERENCE else 's'} {name(worse)} at {self.num_steps} " \
-               f"step{'s' if self.num_steps > 1 else ''}"
+        return f"{name(better)} beat{'' if better == REFERENCE else 's'} {name(worse)} at {_steps(self.num_steps)}"
 
     def columns(self, name: Callable[[str], str]) -> dict:
         """The finding's own columns of to_frame (those before our numbers)."""
@@ -116,8 +119,7 @@ class TableComparison:
         return self.better, self.than
 
     def statement(self, name: Callable[[str], str]) -> str:
-        return f"{name(self.better)} beats {name(self.than)} at {self.num_steps} " \
-               f"step{'s' if self.num_steps > 1 else ''}"
+        return f"{name(self.better)} beats {name(self.than)} at {_steps(self.num_steps)}"
 
     def columns(self, name: Callable[[str], str]) -> dict:
         return {"comparison": self.statement(name), "table": self.table, "better": self.better,

@@ -69,6 +69,20 @@ def provenance(records: list[dict], commit: str, changes: bool) -> str:
     return f"{runs}; made by <code>make_tables</code> at <code>{html.escape(made)}</code>."
 
 
+def _section_head(anchor: str, title: str, records: list[dict], prov: dict) -> str:
+    """A section's opening tag, heading and the provenance line of its records."""
+    return (f'<section id="{html.escape(anchor)}"><h2>{html.escape(title)}</h2>'
+            f'<p class="provenance">{provenance(records, str(prov["git_commit"]), bool(prov["git_changes"]))}</p>')
+
+
+def _tables_and_figures(md, out_dir: Path, table_files, figure_stem: str, label: str) -> list[str]:
+    """The Markdown tables of `table_files` under tables/ and the FIGURES of `figure_stem` under figures/ that
+    exist, in that order, each figure captioned `<label>: <caption>`."""
+    parts = [_markdown_section(md, out_dir / "tables" / n) for n in table_files if (out_dir / "tables" / n).exists()]
+    figures = ((out_dir / "figures" / f"{prefix}_{figure_stem}.png", caption) for prefix, caption in FIGURES)
+    return parts + [_image(path, f"{label}: {caption}") for path, caption in figures if path.exists()]
+
+
 def write_report(tables: list, records: list[dict], out_dir: Path, spec_tables: list = ()) -> Path:
     """Write out_dir/report.html from the tables, findings and figures make_tables wrote under out_dir; each of
     `spec_tables` (a table spec's table: an ablation, a table beyond the paper) in a section of its own after
@@ -85,17 +99,11 @@ def write_report(tables: list, records: list[dict], out_dir: Path, spec_tables: 
     body.append("<p>" + " · ".join(f'<a href="#{html.escape(ds)}">{html.escape(ds)}</a>' for ds in sections) + "</p>")
     for ds in datasets:
         ours = [r for r in records if r.get("dataset") == ds]
-        body.append(f'<section id="{html.escape(ds)}"><h2>{html.escape(ds)}</h2>'
-                    f'<p class="provenance">{provenance(ours, str(prov["git_commit"]), bool(prov["git_changes"]))}</p>')
+        body.append(_section_head(ds, ds, ours, prov))
         for t in (t for t in tables if t.dataset == ds):
-            for name in (f"{t.stem}.md", f"{t.stem}_findings.md", f"budget_{t.dataset}_{t.metric}.md"):
-                path = out_dir / "tables" / name
-                if path.exists():
-                    body.append(_markdown_section(md, path))
-            for prefix, caption in FIGURES:
-                path = out_dir / "figures" / f"{prefix}_{t.dataset}_{t.metric}.png"
-                if path.exists():
-                    body.append(_image(path, f"{ds}: {caption}"))
+            body += _tables_and_figures(md, out_dir, (f"{t.stem}.md", f"{t.stem}_findings.md",
+                                                      f"budget_{t.dataset}_{t.metric}.md"),
+                                        f"{t.dataset}_{t.metric}", ds)
         samples = out_dir / "figures" / f"samples_{ds}.png"
         if samples.exists():
             body.append("<h3>Samples</h3>" + _image(samples, f"{ds}: the same noise, one row per method, one column "
@@ -103,16 +111,8 @@ def write_report(tables: list, records: list[dict], out_dir: Path, spec_tables: 
         body.append("</section>")
     for t in spec_tables:
         ours = [r for r in records if (r.get("name"), r.get("dataset")) in {(x.experiment, t.dataset) for x in t.rows}]
-        body.append(f'<section id="{html.escape(t.stem)}"><h2>{html.escape(t.name)}: {html.escape(t.metric)}</h2>'
-                    f'<p class="provenance">{provenance(ours, str(prov["git_commit"]), bool(prov["git_changes"]))}</p>')
-        for name in (f"{t.stem}.md", f"{t.stem}_comparisons.md"):
-            path = out_dir / "tables" / name
-            if path.exists():
-                body.append(_markdown_section(md, path))
-        for prefix, caption in FIGURES:
-            path = out_dir / "figures" / f"{prefix}_{t.figure_stem}.png"
-            if path.exists():
-                body.append(_image(path, f"{t.name}: {caption}"))
+        body.append(_section_head(t.stem, f"{t.name}: {t.metric}", ours, prov))
+        body += _tables_and_figures(md, out_dir, (f"{t.stem}.md", f"{t.stem}_comparisons.md"), t.figure_stem, t.name)
         body.append("</section>")
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>shortcut-models: tables"
             f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
